@@ -1,0 +1,205 @@
+"""Process, port and binary helpers for the sandbox. Processes are stopped by pid, never by name."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from carrier.errors import SandboxError
+
+#: Debian package that provides each binary the sandbox runs.
+PACKAGES: dict[str, str] = {
+    "dovecot": "dovecot-imapd dovecot-lmtpd",
+    "doveadm": "dovecot-core",
+    "sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "gpg": "gnupg",
+    "gpgconf": "gnupg",
+    "swaks": "swaks",
+    "tmux": "tmux",
+}
+
+
+def search_path() -> str:
+    """Where sandbox binaries are looked up: ``$CARRIER_SANDBOX_PATH`` or ``$PATH`` plus the sbin dirs."""
+    explicit = os.environ.get("CARRIER_SANDBOX_PATH")
+    if explicit is not None:
+        return explicit
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    for extra in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
+        if extra not in parts:
+            parts.append(extra)
+    return os.pathsep.join(p for p in parts if p)
+
+
+def find_binary(name: str) -> str:
+    """Absolute path of ``name`` or a SandboxError naming the Debian package to install."""
+    path = search_path()
+    found = shutil.which(name, path=path)
+    if found is None:
+        package = PACKAGES.get(name, name)
+        raise SandboxError(
+            f"{name} not found (searched {path}): install it with "
+            f"`apt-get install {package}`"
+        )
+    return found
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when ``host:port`` can be bound now (nothing listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def ensure_ports_free(wanted: Sequence[tuple[str, int, str]]) -> None:
+    """Raise one SandboxError listing every ``(host, port, what)`` that is already taken."""
+    taken = [f"{host}:{port} ({what})" for host, port, what in wanted if not port_is_free(host, port)]
+    if taken:
+        raise SandboxError(
+            "port in use: " + ", ".join(taken) + ": stop what listens there "
+            "(`ss -ltnp` shows it) or start the sandbox with another --port-offset"
+        )
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    *,
+    timeout: float = 15.0,
+    alive: Callable[[], bool] | None = None,
+    what: str = "service",
+    log_file: Path | None = None,
+) -> None:
+    """Block until something accepts on ``host:port``; fail early if ``alive()`` turns false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        if alive is not None and not alive():
+            break
+        time.sleep(0.05)
+    hint = f"; see {log_file}" if log_file else ""
+    raise SandboxError(f"{what} did not start listening on {host}:{port}{hint}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running (not zombie) process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # The state letter follows the parenthesised command name.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def read_pid(pid_file: Path) -> int | None:
+    """The pid recorded in ``pid_file`` if that process still runs, else None."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop_pid(pid: int, *, timeout: float = 5.0) -> None:
+    """SIGTERM ``pid``, wait up to ``timeout``, then SIGKILL. Reaps it if it is our child."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(40):
+        _reap(pid)
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+
+
+def stop_pid_file(pid_file: Path, *, timeout: float = 5.0) -> bool:
+    """Stop the process named by ``pid_file`` and remove the file. True if something was running."""
+    pid = read_pid(pid_file)
+    if pid is not None:
+        stop_pid(pid, timeout=timeout)
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+    return pid is not None
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log_file: Path,
+    pid_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session with stdio on ``log_file`` (never on our pipes).
+
+    Daemons that fork keep the caller's stdout/stderr open, so both always go to the log
+    file; stdin is /dev/null. When ``pid_file`` is given the child's pid is written there.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    if pid_file is not None:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{proc.pid}\n")
+    return proc
+
+
+def run_checked(argv: Sequence[str], *, what: str, env: Mapping[str, str] | None = None,
+                timeout: float = 60.0) -> str:
+    """Run a short command; on failure raise SandboxError with its stderr (last lines)."""
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, env=dict(env) if env is not None else None,
+            timeout=timeout, check=False, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SandboxError(f"{what} timed out after {timeout:.0f}s: {' '.join(argv)}") from exc
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise SandboxError(f"{what} failed (exit {done.returncode}): {tail}")
+    return done.stdout
