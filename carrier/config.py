@@ -1,0 +1,1055 @@
+"""Load ``carrier.yml``: typed settings, environment overrides, secrets by reference.
+
+The format is the contract in docs/configuration.md. Reading is schema-driven: every section is a
+table of fields (converter + default); one reader checks unknown keys, inline secrets and types for
+all of them, and small builders add the checks that span fields. Every problem is collected, so
+``carrier check`` can list them all at once. Nothing here touches the network or creates anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from carrier.errors import ConfigError
+
+TlsMode = Literal["implicit", "starttls", "none"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_CONFIG = Path(".config/carrier/carrier.yml")  # under the home directory
+DEFAULT_STATE_DIR = Path(".local/state/carrier")  # under the home directory
+DEFAULT_PORTS: Mapping[str, Mapping[str, int]] = {
+    "imap": {"implicit": 993, "starttls": 143, "none": 143},
+    "smtp": {"implicit": 465, "starttls": 587, "none": 25},
+}
+DEFAULT_TLS: Mapping[str, TlsMode] = {"imap": "implicit", "smtp": "starttls"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigProblems(ConfigError):
+    """A :class:`ConfigError` that carries every problem found, one message per entry."""
+
+    def __init__(self, problems: Sequence[str], source: Path | None = None) -> None:
+        self.problems: list[str] = list(problems)
+        head = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            message = head + self.problems[0]
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"{head}{len(self.problems)} problems:\n{lines}"
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed settings
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_env() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImapSettings:
+    host: str
+    port: int
+    tls: TlsMode = "implicit"
+    ca_file: Path | None = None
+    allow_self_signed: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpSettings:
+    host: str
+    port: int
+    tls: TlsMode = "starttls"
+    ca_file: Path | None = None
+    allow_self_signed: bool = False
+    auth: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Folders:
+    inbox: str = "INBOX"
+    sent: str = "Sent"
+    drafts: str = "Drafts"
+    trash: str = "Trash"
+    archive: str = "Archive"
+    junk: str = "Junk"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailAccount:
+    name: str
+    address: str
+    username: str
+    password_env: str | None = None
+    password_file: Path | None = None
+    imap: ImapSettings
+    smtp: SmtpSettings
+    folders: Folders = field(default_factory=Folders)
+    idle: bool = True
+    check_interval: int = 60
+    #: ``EMAIL_PASS``, kept in memory only; wins over password_env / password_file.
+    password_override: str | None = field(default=None, repr=False, compare=False)
+    #: The environment ``password_env`` is looked up in (the one given to :func:`load_config`).
+    environ: Mapping[str, str] = field(default_factory=_no_env, repr=False, compare=False)
+
+    def password(self) -> str:
+        """The account's password, read now from its variable or file; ConfigError says how to fix it."""
+        if self.password_override:
+            return self.password_override
+        if not (self.password_env or self.password_file):
+            raise ConfigProblems([f"account {self.name}: {_MSG_NO_LOGIN}"])
+        try:
+            return _read_secret(self.password_env, self.password_file, self.environ)
+        except _Invalid as exc:
+            raise ConfigProblems([f"account {self.name}: {exc}"]) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class McpSettings:
+    bind_host: str = "127.0.0.1"
+    port: int = 18443
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    ip_allow: tuple[IPNetwork, ...] = ()
+    ip_deny: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Admin:
+    email: str
+    fingerprint: str  # 40 upper-case hex digits
+
+
+@dataclass(frozen=True, kw_only=True)
+class User:
+    email: str
+    fingerprint: str  # 40 upper-case hex digits
+    role: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Role:
+    playbooks: tuple[str, ...] = ()
+    hosts: str = "all"
+    exec: bool = False
+    shell: bool = False
+    pty: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    rate_limit: int = 60
+    rate_limit_window: int = 60
+    max_jobs: int = 8
+    max_jobs_per_host: int = 2
+    output_max_bytes: int = 1048576
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyserverSettings:
+    url: str = "https://keys.openpgp.org"
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmSettings:
+    enabled: bool = False
+    api_url: str | None = None
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    model: str | None = None
+    #: ``LLM_API_KEY``, kept in memory only; wins over api_key_env / api_key_file.
+    api_key_override: str | None = field(default=None, repr=False, compare=False)
+    environ: Mapping[str, str] = field(default_factory=_no_env, repr=False, compare=False)
+
+    def api_key(self) -> str | None:
+        """The API key, or None when none is configured (a local server may need none)."""
+        if self.api_key_override:
+            return self.api_key_override
+        if not (self.api_key_env or self.api_key_file):
+            return None
+        try:
+            return _read_secret(self.api_key_env, self.api_key_file, self.environ)
+        except _Invalid as exc:
+            raise ConfigProblems([f"llm: {exc}"]) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings:
+    level: str = "INFO"
+
+
+def _default_roles() -> Mapping[str, Role]:
+    return MappingProxyType(
+        {
+            "operator": Role(playbooks=("*",), hosts="all", exec=True, shell=False, pty=True),
+            "viewer": Role(),
+        }
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    path: Path
+    state_dir: Path
+    inventory: Path
+    playbook_dirs: tuple[Path, ...] = ()
+    gnupg_home: Path
+    accounts: tuple[MailAccount, ...]
+    mcp: McpSettings = field(default_factory=McpSettings)
+    admins: tuple[Admin, ...] = ()
+    users: tuple[User, ...] = ()
+    roles: Mapping[str, Role] = field(default_factory=_default_roles)
+    allowed_senders: tuple[str, ...] = ()
+    admin_contacts: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    keyserver: KeyserverSettings = field(default_factory=KeyserverSettings)
+    llm: LlmSettings = field(default_factory=LlmSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    @property
+    def default_account(self) -> MailAccount:
+        """The first account (the one the environment overrides apply to)."""
+        return self.accounts[0]
+
+    def account(self, name: str) -> MailAccount:
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        known = ", ".join(a.name for a in self.accounts)
+        raise ConfigProblems([f"no mail account named {name!r} (accounts: {known})"])
+
+    def secrets(self) -> list[str]:
+        """Every secret value that can be resolved now (for log redaction); unreadable ones are skipped."""
+        getters: list[Callable[[], str | None]] = [a.password for a in self.accounts]
+        getters.append(self.llm.api_key)
+        found: list[str] = []
+        for get in getters:
+            try:
+                value = get()
+            except ConfigError:
+                continue
+            if value and value not in found:
+                found.append(value)
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets by reference
+# ---------------------------------------------------------------------------------------------
+
+_MSG_NO_LOGIN = "no password: set password_file or password_env (or EMAIL_PASS for the default account)"
+_MSG_INLINE_MAIL = "inline passwords are not allowed: use password_file or password_env"
+_MSG_INLINE_LLM = "inline API keys are not allowed: use api_key_file or api_key_env"
+_MSG_INLINE_OTHER = (
+    "secrets are not allowed in carrier.yml: keep them in a mode 0600 file or an environment variable"
+)
+_SECRET_NAMES = frozenset({"pass", "password", "passwd", "secret", "token", "api_key", "apikey"})
+_SECRET_SUFFIXES = ("_pass", "_password", "_passwd", "_secret", "_token", "_api_key", "_apikey")
+
+
+class _Invalid(Exception):
+    """A value is wrong; the message says what and how to fix it (the location is added by the caller)."""
+
+
+class _Reported(Exception):
+    """A section had problems that were already recorded."""
+
+
+def _loose_mode(path: Path, mode: int) -> str | None:
+    """The problem with a secret-holding file's permissions, or None when it is 0600 or stricter."""
+    if not mode & 0o077:
+        return None
+    what = "readable" if mode & 0o044 else "writable"
+    return f"{path.name} is {what} by group/others (mode {mode & 0o777:04o}): run `chmod 600 {path}`"
+
+
+def _read_secret_file(path: Path) -> str:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise _Invalid(f"{path} does not exist: create it (mode 0600) with the secret on one line") from None
+    except OSError as exc:
+        raise _Invalid(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Invalid(f"{path} is not a regular file")
+    loose = _loose_mode(path, st.st_mode)
+    if loose:
+        raise _Invalid(loose)
+    try:
+        value = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise _Invalid(f"cannot read {path}: {reason}") from None
+    if not value:
+        raise _Invalid(f"{path} is empty: put the secret in it")
+    return value
+
+
+def _read_secret(env_name: str | None, path: Path | None, env: Mapping[str, str]) -> str:
+    """A secret from an environment variable or a file (exactly one of them is set)."""
+    if env_name:
+        value = env.get(env_name, "")
+        if not value:
+            raise _Invalid(f"environment variable {env_name} is not set: export it or use a file")
+        return value
+    assert path is not None
+    return _read_secret_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading context: where a value came from (line or environment variable), and the problems found
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    base_dir: Path
+    home: Path
+    env: Mapping[str, str]
+    problems: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)  # dotted path -> environment variable(s)
+    email_pass: str | None = None
+    llm_key: str | None = None
+
+    def origin(self, path: str) -> str | None:
+        best = ""
+        for prefix in self.origins:
+            covers = path == prefix or path.startswith((prefix + ".", prefix + "["))
+            if covers and len(prefix) > len(best):
+                best = prefix
+        return self.origins.get(best) if best else None
+
+
+def _line_of(container: Any, key: str | int) -> int | None:
+    lc = getattr(container, "lc", None)
+    if lc is None:
+        return None
+    try:
+        line = lc.item(key)[0] if isinstance(key, int) else lc.key(key)[0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return int(line) + 1
+
+
+@dataclass(frozen=True)
+class _At:
+    """A place in the configuration: its dotted path, the line it is on, the mapping read there."""
+
+    ctx: _Ctx
+    path: str = ""
+    line: int | None = None
+    node: Any = None
+
+    def key(self, name: str, container: Any = None) -> _At:
+        container = self.node if container is None else container
+        path = f"{self.path}.{name}" if self.path else name
+        return _At(self.ctx, path, _line_of(container, name) or self.line)
+
+    def item(self, index: int, container: Any) -> _At:
+        return _At(self.ctx, f"{self.path}[{index}]", _line_of(container, index) or self.line)
+
+    def problem(self, message: str) -> None:
+        var = self.ctx.origin(self.path)
+        if var:
+            where = f"{var} (sets {self.path})"
+        elif self.line:
+            where = f"{self.path or 'carrier.yml'} (line {self.line})"
+        else:
+            where = self.path or "carrier.yml"
+        self.ctx.problems.append(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters: (value, place) -> typed value, or raise _Invalid / _Reported
+# ---------------------------------------------------------------------------------------------
+
+Conv = Callable[[Any, _At], Any]
+_REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class _F:
+    conv: Conv
+    default: Any = None
+    need: str = ""  # what to tell a user when a required key is missing
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _str(value: Any, at: _At) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected non-empty text, got {_show(value)}")
+    return str(value).strip()
+
+
+def _bool(value: Any, at: _At) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, str | int) else ""
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise _Invalid(f"expected true or false, got {_show(value)}")
+
+
+def _int(low: int, high: int | None = None, what: str = "a whole number") -> Conv:
+    bounds = f"{low}-{high}" if high is not None else f">= {low}"
+
+    def conv(value: Any, at: _At) -> int:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        is_digits = isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value) is not None
+        number = int(value) if is_int or is_digits else None
+        if number is None or number < low or (high is not None and number > high):
+            raise _Invalid(f"{_show(value)} is not {what} ({bounds})")
+        return number
+
+    return conv
+
+
+_port = _int(1, 65535, "a port number")
+_positive = _int(1)
+
+
+def _seconds(value: Any, at: _At) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        number = -1.0
+    if number <= 0:
+        raise _Invalid(f"{_show(value)} is not a number of seconds (> 0)")
+    return number
+
+
+def _choice(*options: str, upper: bool = False) -> Conv:
+    def conv(value: Any, at: _At) -> str:
+        text = str(value).strip() if isinstance(value, str) else ""
+        text = text.upper() if upper else text.lower()
+        if text not in options:
+            raise _Invalid(f"{_show(value)} is not one of: {', '.join(options)}")
+        return text
+
+    return conv
+
+
+_tls = _choice("implicit", "starttls", "none")
+_level = _choice(*LOG_LEVELS, upper=True)
+
+
+def _pattern(regex: str, what: str) -> Conv:
+    compiled = re.compile(regex)
+
+    def conv(value: Any, at: _At) -> str:
+        text = _str(value, at)
+        if not compiled.fullmatch(text):
+            raise _Invalid(f"{_show(value)} is not {what}")
+        return text
+
+    return conv
+
+
+_account_name = _pattern(r"[a-z0-9_-]+", "a valid name (lower-case letters, digits, _ and -)")
+_env_name = _pattern(r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name")
+_email = _pattern(r"[^@\s]+@[^@\s]+", "an email address")
+_host = _pattern(r"[^\s/]+", "a host name or address")
+_url = _pattern(r"https?://[^\s]+", "an http:// or https:// URL")
+
+
+def _fingerprint(value: Any, at: _At) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{_show(value)} is not a key fingerprint: write it in quotes")
+    text = "".join(value.split()).upper()
+    if not re.fullmatch(r"[0-9A-F]{40}", text):
+        raise _Invalid(f"{_show(value)} is not a fingerprint: expected 40 hex digits (spaces allowed)")
+    return text
+
+
+def _cidr(value: Any, at: _At) -> IPNetwork:
+    text = _str(value, at)
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        near = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _Invalid(
+            f"{_show(value)} is not an IP network (CIDR such as 10.0.0.0/8 or 2001:db8::/32)"
+        ) from None
+    raise _Invalid(f"{_show(value)} has host bits set: did you mean {near}?")
+
+
+def _expand_home(text: str, home: Path) -> Path:
+    if text == "~" or text.startswith("~/"):
+        return home / text[2:]
+    return Path(os.path.expanduser(text))
+
+
+def _path(value: Any, at: _At) -> Path:
+    text = _str(value, at)
+    path = _expand_home(text, at.ctx.home)
+    if not path.is_absolute():
+        path = at.ctx.base_dir / path
+    return Path(os.path.normpath(path))
+
+
+def _existing_file(value: Any, at: _At) -> Path:
+    path = _path(value, at)
+    if not path.is_file():
+        raise _Invalid(f"{path} does not exist or is not a file")
+    return path
+
+
+def _inventory(value: Any, at: _At) -> Path:
+    path = _path(value, at)
+    if not path.exists():
+        raise _Invalid(f"{path} does not exist: point inventory at an Ansible inventory file or directory")
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with path.open("rb") as handle:
+                handle.read(1)
+    except OSError as exc:
+        raise _Invalid(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _playbook_dir(value: Any, at: _At) -> Path:
+    path = _path(value, at)
+    if not path.is_dir():
+        raise _Invalid(f"{path} is not a directory: create it or remove it from playbook_dirs")
+    return path
+
+
+def _list(item: Conv) -> Conv:
+    def conv(value: Any, at: _At) -> tuple[Any, ...]:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise _Invalid(f"expected a list (e.g. [a, b]), got {_show(value)}")
+        out: list[Any] = []
+        failed = False
+        for index, element in enumerate(value):
+            place = at.item(index, value)
+            try:
+                out.append(item(element, place))
+            except _Invalid as exc:
+                place.problem(str(exc))
+                failed = True
+            except _Reported:
+                failed = True
+        if failed:
+            raise _Reported
+        return tuple(out)
+
+    return conv
+
+
+# ---------------------------------------------------------------------------------------------
+# The section reader
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_secret(key: str) -> bool:
+    lowered = key.lower()
+    return lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES)
+
+
+def _unknown_key(key: str, spec: Mapping[str, _F], secret_hint: str) -> str:
+    if _looks_secret(key):
+        return secret_hint
+    close = difflib.get_close_matches(key, list(spec), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key!r} (did you mean {close[0]!r}?)"
+    return f"unknown key {key!r} (known keys: {', '.join(spec)})"
+
+
+def _read(node: Any, spec: Mapping[str, _F], at: _At, secret_hint: str = _MSG_INLINE_OTHER) -> dict[str, Any]:
+    """Check ``node`` against ``spec``: the converted values, defaults for absent keys.
+
+    Keys whose value is wrong are recorded as problems and left out of the result, so builders can
+    still run the checks that span fields on what is there.
+    """
+    if node is None:
+        node = {}
+    if not isinstance(node, Mapping):
+        raise _Invalid(f"expected a mapping (key: value), got {_show(node)}")
+    for key in node:
+        if str(key) not in spec:
+            at.key(str(key), node).problem(_unknown_key(str(key), spec, secret_hint))
+    values: dict[str, Any] = {}
+    for key, spec_field in spec.items():
+        place = at.key(key, node)
+        value = node.get(key)
+        if value is None:
+            if spec_field.default is _REQUIRED:
+                place.problem("missing (required)" + (f": {spec_field.need}" if spec_field.need else ""))
+            else:
+                values[key] = spec_field.default
+            continue
+        try:
+            values[key] = spec_field.conv(value, place)
+        except _Invalid as exc:
+            place.problem(str(exc))
+        except _Reported:
+            pass
+    return values
+
+
+Check = Callable[[dict[str, Any], _At], None]
+
+
+def _section(
+    cls: Callable[..., Any], spec: Mapping[str, _F], hint: str = _MSG_INLINE_OTHER, check: Check | None = None
+) -> Conv:
+    """A converter for a whole section: read its fields, run ``check`` across them, make ``cls``.
+
+    ``check`` sees the fields that converted (a wrong one is missing), may add problems, and may
+    fill in derived values (defaults that depend on other fields, in-memory secrets).
+    """
+
+    def conv(value: Any, at: _At) -> Any:
+        before = len(at.ctx.problems)
+        at = _At(at.ctx, at.path, at.line, value)
+        values = _read(value, spec, at, hint)
+        if check is not None:
+            check(values, at)
+        if len(at.ctx.problems) > before:
+            raise _Reported
+        return cls(**values)
+
+    return conv
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across fields, and the schema
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_server(kind: Literal["imap", "smtp"]) -> Check:
+    def check(values: dict[str, Any], at: _At) -> None:
+        tls = values.get("tls") or DEFAULT_TLS[kind]
+        host = values.get("host")
+        if tls == "none" and host and not _is_loopback(host):
+            at.key("tls").problem(
+                f"tls: none sends the password in clear text and is allowed for loopback hosts only, "
+                f"not {host}: use implicit or starttls"
+            )
+        values["tls"] = tls
+        values["port"] = values.get("port") or DEFAULT_PORTS[kind][tls]
+
+    return check
+
+
+_IMAP: Mapping[str, _F] = {
+    "host": _F(_host, _REQUIRED, "the IMAP server's host name"),
+    "port": _F(_port),
+    "tls": _F(_tls),
+    "ca_file": _F(_existing_file),
+    "allow_self_signed": _F(_bool, False),
+}
+_SMTP: Mapping[str, _F] = {
+    **_IMAP,
+    "host": _F(_host, _REQUIRED, "the SMTP server's host name"),
+    "auth": _F(_bool, True),
+}
+_FOLDERS: Mapping[str, _F] = {name: _F(_str, default) for name, default in vars(Folders()).items()}
+
+
+def _check_password(values: dict[str, Any], at: _At) -> None:
+    override = at.ctx.email_pass if at.path == "accounts[0]" else None
+    values["password_override"] = override
+    values["environ"] = at.ctx.env
+    values["username"] = values.get("username") or values.get("address")
+    if override or "password_env" not in values or "password_file" not in values:
+        return  # EMAIL_PASS wins, or a wrong value is already reported
+    env_name, path = values["password_env"], values["password_file"]
+    if env_name and path:
+        at.problem("both password_env and password_file are set: keep one")
+    elif not (env_name or path):
+        at.problem(_MSG_NO_LOGIN)
+    else:
+        try:
+            _read_secret(env_name, path, at.ctx.env)
+        except _Invalid as exc:
+            at.key("password_env" if env_name else "password_file").problem(str(exc))
+
+
+_ACCOUNT: Mapping[str, _F] = {
+    "name": _F(_account_name, _REQUIRED, "a short name such as carrier"),
+    "address": _F(_email, _REQUIRED, "the account's mail address (or set EMAIL_USER)"),
+    "username": _F(_str),
+    "password_env": _F(_env_name),
+    "password_file": _F(_path),
+    "imap": _F(
+        _section(ImapSettings, _IMAP, _MSG_INLINE_MAIL, _check_server("imap")), _REQUIRED, "an imap: section"
+    ),
+    "smtp": _F(
+        _section(SmtpSettings, _SMTP, _MSG_INLINE_MAIL, _check_server("smtp")), _REQUIRED, "an smtp: section"
+    ),
+    "folders": _F(_section(Folders, _FOLDERS), Folders()),
+    "idle": _F(_bool, True),
+    "check_interval": _F(_positive, 60),
+}
+
+
+def _accounts(value: Any, at: _At) -> tuple[MailAccount, ...]:
+    read = _list(_section(MailAccount, _ACCOUNT, _MSG_INLINE_MAIL, _check_password))
+    accounts: tuple[MailAccount, ...] = read(value, at)
+    first: dict[str, int] = {}
+    for index, account in enumerate(accounts):
+        if account.name in first:
+            at.item(index, value).problem(
+                f"duplicate account name {account.name!r} (also accounts[{first[account.name]}]): "
+                "names must be unique"
+            )
+        first.setdefault(account.name, index)
+    if len(first) < len(accounts):
+        raise _Reported
+    return accounts
+
+
+def _check_mcp(values: dict[str, Any], at: _At) -> None:
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        at.problem("set both tls_cert and tls_key, or neither")
+
+
+_MCP: Mapping[str, _F] = {
+    "bind_host": _F(_host, "127.0.0.1"),
+    "port": _F(_port, 18443),
+    "tls_cert": _F(_path),
+    "tls_key": _F(_path),
+    "ip_allow": _F(_list(_cidr), ()),
+    "ip_deny": _F(_list(_cidr), ()),
+}
+_ADMIN: Mapping[str, _F] = {"email": _F(_email, _REQUIRED), "fingerprint": _F(_fingerprint, _REQUIRED)}
+_USER: Mapping[str, _F] = {**_ADMIN, "role": _F(_str, _REQUIRED, "the name of one of the roles")}
+_ROLE: Mapping[str, _F] = {
+    "playbooks": _F(_list(_str), ()),
+    "hosts": _F(_str, "all"),
+    "exec": _F(_bool, False),
+    "shell": _F(_bool, False),
+    "pty": _F(_bool, False),
+}
+
+
+def _roles(value: Any, at: _At) -> Mapping[str, Role]:
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"expected a mapping of role name to role, got {_show(value)}")
+    roles: dict[str, Role] = {}
+    failed = False
+    read_role = _section(Role, _ROLE)
+    for name, spec in value.items():
+        place = at.key(str(name), value)
+        try:
+            roles[str(name)] = read_role(spec, place)
+        except _Invalid as exc:
+            place.problem(str(exc))
+            failed = True
+        except _Reported:
+            failed = True
+    if failed:
+        raise _Reported
+    return MappingProxyType(roles)
+
+
+_LIMITS: Mapping[str, _F] = {name: _F(_positive, default) for name, default in vars(Limits()).items()}
+_KEYSERVER: Mapping[str, _F] = {"url": _F(_url, KeyserverSettings.url), "timeout": _F(_seconds, 10.0)}
+
+
+def _check_llm(values: dict[str, Any], at: _At) -> None:
+    values["api_key_override"] = at.ctx.llm_key
+    values["environ"] = at.ctx.env
+    env_name, path = values.get("api_key_env"), values.get("api_key_file")
+    if env_name and path:
+        at.problem("both api_key_env and api_key_file are set: keep one")
+    if not values.get("enabled"):
+        return
+    for key in ("api_url", "model"):
+        if key in values and not values[key]:
+            at.problem(f"llm is enabled but {key} is not set: set llm.{key} (or LLM_{key.upper()})")
+    if bool(env_name) != bool(path) and not at.ctx.llm_key:
+        try:
+            _read_secret(env_name, path, at.ctx.env)
+        except _Invalid as exc:
+            at.key("api_key_env" if env_name else "api_key_file").problem(str(exc))
+
+
+_LLM: Mapping[str, _F] = {
+    "enabled": _F(_bool, False),
+    "api_url": _F(_url),
+    "api_key_env": _F(_env_name),
+    "api_key_file": _F(_path),
+    "model": _F(_str),
+}
+
+_TOP: Mapping[str, _F] = {
+    "state_dir": _F(_path),
+    "inventory": _F(_inventory, _REQUIRED, "set it to an Ansible inventory file or directory"),
+    "playbook_dirs": _F(_list(_playbook_dir), ()),
+    "gnupg_home": _F(_path),
+    "accounts": _F(_accounts, ()),
+    "mcp": _F(_section(McpSettings, _MCP, check=_check_mcp), McpSettings()),
+    "admins": _F(_list(_section(Admin, _ADMIN)), ()),
+    "users": _F(_list(_section(User, _USER)), ()),
+    "roles": _F(_roles, _default_roles()),
+    "allowed_senders": _F(_list(_email), ()),
+    "admin_contacts": _F(_list(_email), ()),
+    "limits": _F(_section(Limits, _LIMITS), Limits()),
+    "keyserver": _F(_section(KeyserverSettings, _KEYSERVER), KeyserverSettings()),
+    "llm": _F(_section(LlmSettings, _LLM, _MSG_INLINE_LLM, _check_llm)),
+    "logging": _F(_section(LoggingSettings, {"level": _F(_level, "INFO")}), LoggingSettings()),
+}
+
+
+def _check_users(values: dict[str, Any], at: _At) -> None:
+    if "roles" not in values:
+        return  # the roles section has its own problems
+    roles: Mapping[str, Role] = values["roles"]
+    for index, user in enumerate(values.get("users", ())):
+        if user.role not in roles:
+            close = difflib.get_close_matches(user.role, list(roles), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            place = at.key("users").item(index, at.node.get("users"))
+            place.problem(f"role {user.role!r} is not defined: {hint}roles are {', '.join(roles) or 'none'}")
+
+
+def _missing_account(ctx: _Ctx) -> str:
+    unset = [var for var in ("IMAP_SERVER", "SMTP_SERVER", "EMAIL_USER") if not ctx.env.get(var)]
+    return (
+        "no mail account: add one under accounts: or set IMAP_SERVER, SMTP_SERVER and EMAIL_USER "
+        f"(unset: {', '.join(unset)})"
+    )
+
+
+def _build_config(root: Any, path: Path, ctx: _Ctx) -> Config:
+    at = _At(ctx, node=root)
+    values = _read(root, _TOP, at)
+    _check_users(values, at)
+    if "accounts" in values and not values["accounts"]:
+        at.key("accounts").problem(_missing_account(ctx))
+    if ctx.problems:
+        raise ConfigProblems(ctx.problems, path)
+    state_dir = values["state_dir"] or ctx.home / DEFAULT_STATE_DIR
+    values["gnupg_home"] = values["gnupg_home"] or state_dir / "gnupg"
+    values["llm"] = values["llm"] or LlmSettings(api_key_override=ctx.llm_key, environ=ctx.env)
+    return Config(**{**values, "state_dir": state_dir}, path=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment overrides (the previous system's variable names)
+# ---------------------------------------------------------------------------------------------
+
+#: variable -> (section path, key); the value goes in as text and is checked like the file's.
+_ENV_SCALARS: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "USE_IMAP_IDLE": (("accounts[0]",), "idle"),
+    "EMAIL_CHECK_INTERVAL": (("accounts[0]",), "check_interval"),
+    "MCP_PORT": (("mcp",), "port"),
+    "MCP_BIND_HOST": (("mcp",), "bind_host"),
+    "RATE_LIMIT": (("limits",), "rate_limit"),
+    "RATE_LIMIT_WINDOW": (("limits",), "rate_limit_window"),
+    "LLM_ENABLED": (("llm",), "enabled"),
+    "LLM_API_URL": (("llm",), "api_url"),
+    "LLM_MODEL": (("llm",), "model"),
+    "IMAP_SERVER": (("accounts[0]", "imap"), "host"),
+    "SMTP_SERVER": (("accounts[0]", "smtp"), "host"),
+    "EMAIL_USER": (("accounts[0]",), "username"),
+}
+#: variable -> (section path, key) for comma-separated lists.
+_ENV_LISTS: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "ADMIN_EMAIL": ((), "admin_contacts"),
+    "ALLOWED_SENDERS": ((), "allowed_senders"),
+    "IP_WHITELIST": (("mcp",), "ip_allow"),
+    "IP_BLACKLIST": (("mcp",), "ip_deny"),
+}
+_ACCOUNT_VARS = ("IMAP_SERVER", "SMTP_SERVER", "EMAIL_USER")
+
+
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    match = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", text)
+    if match:
+        return match.group(1), match.group(2)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, port
+    return text, None
+
+
+def _descend(root: MutableMapping[str, Any], steps: tuple[str, ...]) -> MutableMapping[str, Any] | None:
+    """The mapping at ``steps`` (``accounts[0]`` is the first account), made when absent."""
+    node = root
+    for step in steps:
+        if step == "accounts[0]":
+            accounts = node.get("accounts")
+            child = accounts[0] if isinstance(accounts, list) and accounts else None
+        else:
+            if node.get(step) is None:
+                node[step] = {}
+            child = node[step]
+        if not isinstance(child, MutableMapping):
+            return None
+        node = child
+    return node
+
+
+def _set(
+    root: MutableMapping[str, Any], ctx: _Ctx, var: str, steps: tuple[str, ...], key: str, value: Any
+) -> None:
+    node = _descend(root, steps)
+    if node is None:
+        return  # no such account/section: reported by the reader
+    node[key] = value
+    ctx.origins[".".join((*steps, key))] = var
+
+
+def _env_account(root: MutableMapping[str, Any], ctx: _Ctx) -> None:
+    """Make the ``default`` account from IMAP_SERVER/SMTP_SERVER/EMAIL_USER when the file has none."""
+    if root.get("accounts") or not all(ctx.env.get(var) for var in _ACCOUNT_VARS):
+        return
+    root["accounts"] = [{"name": "default", "imap": {"tls": "implicit"}, "smtp": {"tls": "starttls"}}]
+    ctx.origins["accounts[0]"] = "/".join(_ACCOUNT_VARS)
+
+
+def _apply_env(root: Any, ctx: _Ctx) -> Any:
+    """Put the environment's overrides into the parsed file, remembering which variable set what."""
+    if root is None:
+        root = {}
+    if not isinstance(root, MutableMapping):
+        return root
+    env = {name: value for name, value in ctx.env.items() if value}  # an empty variable counts as unset
+    _env_account(root, ctx)
+    for var, (steps, key) in _ENV_SCALARS.items():
+        if var not in env:
+            continue
+        value: str | None = env[var]
+        if var in ("IMAP_SERVER", "SMTP_SERVER"):
+            value, port = _split_host_port(env[var])
+            if port is not None:
+                _set(root, ctx, var, steps, "port", port)
+        _set(root, ctx, var, steps, key, value)
+    account = _descend(root, ("accounts[0]",))
+    if "EMAIL_USER" in env and account is not None and not account.get("address"):
+        _set(root, ctx, "EMAIL_USER", ("accounts[0]",), "address", env["EMAIL_USER"])
+    for var, (steps, key) in _ENV_LISTS.items():
+        if var in env:
+            items = [part.strip() for part in env[var].split(",") if part.strip()]
+            _set(root, ctx, var, steps, key, items)
+    ctx.email_pass = env.get("EMAIL_PASS")
+    ctx.llm_key = env.get("LLM_API_KEY")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
+def resolve_config_path(cli_path: str | Path | None, env: Mapping[str, str]) -> Path:
+    """The config file: ``--config``, then ``$CARRIER_CONFIG``, then ``~/.config/carrier/carrier.yml``."""
+    chosen = cli_path or env.get("CARRIER_CONFIG")
+    if chosen:
+        return _expand_home(str(chosen), _home(env))
+    return _home(env) / DEFAULT_CONFIG
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, after the existence and 0600 checks (each of which alone stops loading)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigProblems(
+            [
+                f"no config file at {path}: `carrier sandbox up` writes a ready one, or write one by "
+                "hand (docs/configuration.md); choose the file with --config or CARRIER_CONFIG"
+            ]
+        ) from None
+    except OSError as exc:
+        raise ConfigProblems([f"cannot read {path}: {exc.strerror}"]) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigProblems([f"{path} is not a regular file"])
+    loose = _loose_mode(path, st.st_mode)
+    if loose:
+        raise ConfigProblems([loose])
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigProblems([f"cannot read {path}: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigProblems([f"{path} is not UTF-8 text"]) from None
+
+
+def _parse(text: str, path: Path) -> Any:
+    try:
+        return YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise ConfigProblems([f"YAML syntax error at {where}: {what}"], path) from None
+    except YAMLError as exc:
+        raise ConfigProblems([f"YAML syntax error: {exc}"], path) from None
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, check and type ``path`` with the environment's overrides; ConfigError lists every problem.
+
+    ``env`` defaults to ``os.environ``; the accounts keep a reference to it for ``password()``.
+    Nothing is created: not the state directory, not the GnuPG home.
+    """
+    env = os.environ if env is None else env
+    path = Path(os.path.abspath(path))
+    root = _parse(_read_text(path), path)
+    ctx = _Ctx(base_dir=path.parent, home=_home(env), env=env)
+    root = _apply_env(root, ctx)
+    if not isinstance(root, Mapping):
+        raise ConfigProblems(
+            [f"the file must be a mapping of settings (key: value), got {_show(root)}"], path
+        )
+    return _build_config(root, path, ctx)
+
+
+def check_config(path: Path, env: Mapping[str, str]) -> list[str]:
+    """Every problem with the configuration at ``path`` (empty when it is fine), for ``carrier check``."""
+    try:
+        load_config(path, env)
+    except ConfigProblems as exc:
+        return exc.problems
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
