@@ -1,0 +1,167 @@
+"""The SQLite schema as an ordered list of migrations.
+
+Each migration is a tuple of single SQL statements (not one script: ``executescript`` would commit
+the open transaction first, and a migration must apply entirely or not at all). ``Store.migrate``
+applies the missing ones in order, each in its own ``BEGIN IMMEDIATE`` transaction, and records the
+version in ``schema_version``. Never edit a released migration: append a new one.
+
+Conventions used by every table:
+- timestamps are REAL seconds since the Unix epoch (UTC by definition), as ``time.time()`` returns;
+- JSON columns are TEXT written by ``json.dumps`` (the store never interpolates them into SQL);
+- enumerations are TEXT with a CHECK constraint, mirrored by the tuples below for Python-side checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JOB_KINDS = ("playbook", "adhoc", "exec", "pty")
+DOORS = ("mail", "mcp", "cli")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
+#: Statuses after which a job never changes again.
+FINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled", "lost")
+MESSAGE_STATES = ("received", "processing", "done", "failed")
+ENROLLMENT_STATES = ("requested", "challenged", "verified", "approved", "denied", "revoked", "expired")
+OUTBOX_STATES = ("pending", "sent", "failed")
+#: Audit rows may also come from Carrier itself (start-up, expiry sweeps, the sandbox).
+AUDIT_DOORS = (*DOORS, "system")
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+_V1 = Migration(
+    1,
+    "jobs, job events, processed mail, enrollments, tokens, audit, outbox",
+    (
+        f"""
+        CREATE TABLE jobs (
+            id          TEXT PRIMARY KEY NOT NULL CHECK (id GLOB 'j-[a-z2-7]*' AND length(id) = 14),
+            kind        TEXT NOT NULL CHECK (kind IN {_in(JOB_KINDS)}),
+            owner       TEXT NOT NULL,
+            door        TEXT NOT NULL CHECK (door IN {_in(DOORS)}),
+            target      TEXT NOT NULL DEFAULT '',
+            spec        TEXT NOT NULL DEFAULT '{{}}',
+            status      TEXT NOT NULL DEFAULT 'queued' CHECK (status IN {_in(JOB_STATUSES)}),
+            rc          INTEGER,
+            message     TEXT NOT NULL DEFAULT '',
+            created_at  REAL NOT NULL,
+            started_at  REAL,
+            finished_at REAL,
+            last_seq    INTEGER NOT NULL DEFAULT 0 CHECK (last_seq >= 0)
+        )
+        """,
+        "CREATE INDEX jobs_by_created ON jobs (created_at)",
+        "CREATE INDEX jobs_by_owner ON jobs (owner, created_at)",
+        "CREATE INDEX jobs_by_status ON jobs (status, created_at)",
+        """
+        CREATE TABLE job_events (
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            seq    INTEGER NOT NULL CHECK (seq > 0),
+            ts     REAL NOT NULL,
+            type   TEXT NOT NULL,
+            data   TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (job_id, seq)
+        ) WITHOUT ROWID
+        """,
+        f"""
+        CREATE TABLE messages (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            account     TEXT NOT NULL,
+            message_id  TEXT NOT NULL,
+            sig_digest  TEXT UNIQUE,
+            state       TEXT NOT NULL DEFAULT 'received' CHECK (state IN {_in(MESSAGE_STATES)}),
+            job_id      TEXT REFERENCES jobs (id) ON DELETE SET NULL,
+            error       TEXT,
+            received_at REAL NOT NULL,
+            done_at     REAL,
+            UNIQUE (account, message_id)
+        )
+        """,
+        "CREATE INDEX messages_by_state ON messages (state, received_at)",
+        f"""
+        CREATE TABLE enrollments (
+            id               TEXT PRIMARY KEY NOT NULL CHECK (id GLOB 'r-[a-z2-7]*' AND length(id) = 14),
+            email            TEXT NOT NULL,
+            fingerprint      TEXT,
+            state            TEXT NOT NULL DEFAULT 'requested' CHECK (state IN {_in(ENROLLMENT_STATES)}),
+            nonce_hash       TEXT CHECK (nonce_hash IS NULL OR length(nonce_hash) = 64),
+            nonce_expires_at REAL,
+            role             TEXT,
+            decided_by       TEXT,
+            created_at       REAL NOT NULL,
+            updated_at       REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX enrollments_by_email ON enrollments (email, state)",
+        "CREATE INDEX enrollments_by_fingerprint ON enrollments (fingerprint, state)",
+        """
+        CREATE TABLE tokens (
+            id           TEXT PRIMARY KEY NOT NULL CHECK (id GLOB 't-[a-z2-7]*' AND length(id) = 14),
+            token_hash   TEXT NOT NULL UNIQUE
+                         CHECK (length(token_hash) = 64 AND token_hash NOT GLOB '*[^0-9a-f]*'),
+            owner        TEXT NOT NULL,
+            role         TEXT NOT NULL,
+            scopes       TEXT NOT NULL DEFAULT '[]',
+            created_at   REAL NOT NULL,
+            expires_at   REAL,
+            revoked_at   REAL,
+            last_used_at REAL
+        )
+        """,
+        "CREATE INDEX tokens_by_owner ON tokens (owner)",
+        f"""
+        CREATE TABLE audit (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts      REAL NOT NULL,
+            actor   TEXT NOT NULL,
+            door    TEXT NOT NULL CHECK (door IN {_in(AUDIT_DOORS)}),
+            action  TEXT NOT NULL,
+            target  TEXT NOT NULL DEFAULT '',
+            outcome TEXT NOT NULL,
+            detail  TEXT NOT NULL DEFAULT '{{}}'
+        )
+        """,
+        "CREATE INDEX audit_by_actor ON audit (actor, id)",
+        "CREATE INDEX audit_by_action ON audit (action, id)",
+        f"""
+        CREATE TABLE outbox (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            account         TEXT NOT NULL,
+            message_id      TEXT NOT NULL,
+            recipients      TEXT NOT NULL,
+            raw             BLOB NOT NULL,
+            state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN {_in(OUTBOX_STATES)}),
+            attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            next_attempt_at REAL NOT NULL,
+            last_error      TEXT,
+            created_at      REAL NOT NULL,
+            sent_at         REAL,
+            UNIQUE (account, message_id)
+        )
+        """,
+        "CREATE INDEX outbox_due ON outbox (state, next_attempt_at)",
+    ),
+)
+
+#: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
+MIGRATIONS: tuple[Migration, ...] = (_V1,)
+
+#: The schema version this Carrier writes and understands.
+LATEST_VERSION = MIGRATIONS[-1].version
+
+#: Created outside the migrations: it records which of them were applied.
+SCHEMA_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    INTEGER PRIMARY KEY NOT NULL,
+    applied_at REAL NOT NULL
+)
+"""

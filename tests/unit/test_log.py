@@ -1,0 +1,193 @@
+"""Structured logging: JSON lines on stderr only, secrets redacted everywhere in a record."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from carrier import log as carrier_log
+from carrier.log import RedactingFilter, add_secret, setup_logging
+
+PASSWORD = "hunter2-Pa55word"
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A fresh secret registry per test, and the carrier logger as it was afterwards."""
+    monkeypatch.setattr(carrier_log, "_FILTER", RedactingFilter())
+    logger = logging.getLogger("carrier")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def emit_everything(logger: logging.Logger, secret: str) -> None:
+    logger.info(f"login with {secret}")
+    logger.info("login with %s", secret)
+    logger.info("login with %(pw)s", {"pw": secret})
+    logger.info(
+        "login",
+        extra={"password": secret, "argv": ["sshpass", "-p", secret], "nested": {"k": f"x{secret}x"}},
+    )
+    try:
+        raise RuntimeError(f"authentication failed for {secret}")
+    except RuntimeError:
+        logger.exception("imap login failed")
+    logger.info("%d jobs", secret)  # a broken format string must not leak its args either
+
+
+def lines(buf: io.StringIO) -> list[dict[str, Any]]:
+    text = buf.getvalue()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+def test_secret_never_appears(capsys: pytest.CaptureFixture[str]) -> None:
+    buf = io.StringIO()
+    setup_logging("DEBUG", secrets=[PASSWORD], stream=buf)
+    emit_everything(logging.getLogger("carrier.test"), PASSWORD)
+    out = buf.getvalue()
+    assert PASSWORD not in out
+    assert "hunter2" not in out
+    records = lines(buf)
+    assert len(records) == 6
+    assert records[0]["msg"] == "login with ***"
+    assert records[1]["msg"] == "login with ***"
+    assert records[2]["msg"] == "login with ***"
+    assert records[3]["password"] == "***"
+    assert records[3]["argv"] == ["sshpass", "-p", "***"]
+    assert records[3]["nested"] == {"k": "x***x"}
+    assert "authentication failed for ***" in records[4]["exc"]
+    assert "Traceback" in records[4]["exc"]
+    assert "***" in records[5]["msg"]
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_secret_added_at_run_time() -> None:
+    buf = io.StringIO()
+    setup_logging(stream=buf)
+    logger = logging.getLogger("carrier.tokens")
+    logger.info("issued %s", "tok_0123456789")
+    assert add_secret("tok_0123456789")
+    logger.info("issued %s", "tok_0123456789")
+    records = lines(buf)
+    assert records[0]["msg"] == "issued tok_0123456789"
+    assert records[1]["msg"] == "issued ***"
+
+
+@pytest.mark.parametrize("blank", ["", " ", "   ", "\n", "\t \n"])
+def test_blank_secrets_change_nothing(blank: str) -> None:
+    def run(secrets: list[str]) -> list[dict[str, Any]]:
+        carrier_log._FILTER = RedactingFilter()
+        buf = io.StringIO()
+        setup_logging("DEBUG", secrets=secrets, stream=buf)
+        emit_everything(logging.getLogger("carrier.test"), "plain value")
+        logging.getLogger("carrier.test").info("spaces   and\ttabs\nand newlines")
+        records = lines(buf)
+        for r in records:
+            del r["ts"]
+        return records
+
+    assert run([blank]) == run([])
+    assert carrier_log._FILTER.secret_count == 0
+    assert not add_secret(blank)
+
+
+def test_overlapping_secrets_fully_redacted() -> None:
+    for order in (["abc123", "abc123xyz"], ["abc123xyz", "abc123"]):
+        f = RedactingFilter(order)
+        assert f.redact("abc123xyz") == "***"
+        assert f.redact("a abc123 b abc123xyz c xabc123xyzabc123y") == "a *** b *** c x***y"
+    # Partial overlap: neither secret contains the other, the union is masked.
+    f = RedactingFilter(["wxyzab", "zabcde"])
+    assert f.redact("..wxyzabcde..") == "..***.."
+    assert f.redact("zabcde wxyzab") == "*** ***"
+
+
+def test_overlapping_secrets_in_a_log_line() -> None:
+    buf = io.StringIO()
+    setup_logging(secrets=["abc123", "abc123xyz"], stream=buf)
+    logging.getLogger("carrier.x").warning("key=abc123xyz alt=abc123")
+    (record,) = lines(buf)
+    assert record["msg"] == "key=*** alt=***"
+
+
+def test_short_secrets_are_not_redacted_and_warned_once() -> None:
+    buf = io.StringIO()
+    setup_logging(secrets=["k7", "q9z", " k7 "], stream=buf)
+    logging.getLogger("carrier.x").info("about q9z and k7")
+    records = lines(buf)
+    assert len(records) == 2
+    warning = records[0]["msg"]
+    assert records[0]["level"] == "WARNING" and "shorter than 4 characters" in warning
+    assert "k7" not in warning and "q9z" not in warning
+    assert records[1]["msg"] == "about q9z and k7"
+    assert carrier_log._FILTER.secret_count == 0
+
+
+def test_surrounding_whitespace_is_stripped_too() -> None:
+    f = RedactingFilter(["s3cret-pass\n"])
+    assert f.redact("password s3cret-pass used") == "password *** used"
+
+
+def test_one_json_object_per_line() -> None:
+    buf = io.StringIO()
+    setup_logging("DEBUG", stream=buf)
+    logger = logging.getLogger("carrier.jobs")
+    logger.debug("multi\nline\r\nmessage \u2028 with separators", extra={"job": "j-abcdefghijkl", "n": 3})
+    logger.error("weird extra", extra={"obj": object(), "level": "shadow"})
+    records = lines(buf)
+    assert len(records) == 2
+    first = records[0]
+    assert set(first) >= {"ts", "level", "logger", "msg", "job", "n"}
+    assert first["level"] == "DEBUG" and first["logger"] == "carrier.jobs" and first["n"] == 3
+    assert first["msg"] == "multi\nline\r\nmessage \u2028 with separators"
+    assert first["ts"].endswith("Z")
+    assert records[1]["level"] == "ERROR" and records[1]["extra_level"] == "shadow"
+    assert buf.getvalue().count("\n") == 2
+
+
+def test_nothing_goes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO", secrets=[PASSWORD])
+    emit_everything(logging.getLogger("carrier.mcp"), PASSWORD)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 6
+    assert PASSWORD not in captured.err
+
+
+def test_setup_twice_does_not_duplicate_and_does_not_touch_root() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    root_handlers = list(logging.getLogger().handlers)
+    setup_logging(stream=first)
+    setup_logging(stream=second)
+    logging.getLogger("carrier.x").info("once")
+    assert first.getvalue() == ""
+    assert len(lines(second)) == 1
+    carrier_handlers = [h for h in logging.getLogger("carrier").handlers if getattr(h, "_carrier_handler", 0)]
+    assert len(carrier_handlers) == 1
+    assert logging.getLogger().handlers == root_handlers
+    assert logging.getLogger("carrier").propagate is False
+
+
+def test_levels_and_text_format() -> None:
+    buf = io.StringIO()
+    setup_logging("warning", secrets=[PASSWORD], stream=buf, json_format=False)
+    logger = logging.getLogger("carrier.x")
+    logger.info("hidden")
+    logger.warning("shown %s", PASSWORD)
+    text = buf.getvalue()
+    assert "hidden" not in text
+    assert text.rstrip("\n").endswith("WARNING carrier.x: shown ***")
+    with pytest.raises(ValueError, match="unknown log level"):
+        setup_logging("LOUD")
