@@ -9,11 +9,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from carrier.errors import SandboxError
+
+if TYPE_CHECKING:
+    from carrier.sandbox.layout import Layout
 
 #: Debian package that provides each binary the sandbox runs.
 PACKAGES: dict[str, str] = {
@@ -26,6 +31,8 @@ PACKAGES: dict[str, str] = {
     "gpgconf": "gnupg",
     "swaks": "swaks",
     "tmux": "tmux",
+    "useradd": "passwd",
+    "usermod": "passwd",
 }
 
 
@@ -203,3 +210,46 @@ def run_checked(argv: Sequence[str], *, what: str, env: Mapping[str, str] | None
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         raise SandboxError(f"{what} failed (exit {done.returncode}): {tail}")
     return done.stdout
+
+
+def python_module(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment to run ``python -m module args...`` with this interpreter and this Carrier.
+
+    PYTHONPATH gets the directory holding the ``carrier`` package first, so the child imports the
+    same code even when Carrier is not installed (a checkout run with ``PYTHONPATH=.``).
+    """
+    # procs.py is carrier/sandbox/procs.py: two levels up holds the ``carrier`` package.
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
+    return [sys.executable, "-m", module, *args], env
+
+
+def ensure_meta(layout: Layout) -> None:
+    """Make ``sandbox.json`` record ``layout.ports``: server processes started with ``--root`` read it."""
+    if not layout.meta_file.exists():
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout.save_meta()
+        return
+    if type(layout).load(layout.root).ports != layout.ports:
+        raise SandboxError(
+            f"{layout.meta_file} records other ports than this sandbox uses: "
+            "run `carrier sandbox down` and start it again"
+        )
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live direct children of ``pid``, from /proc (a daemon's per-connection workers, say)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state, ppid, ...
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            children.append(int(entry.name))
+    return children
