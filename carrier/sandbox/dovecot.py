@@ -12,8 +12,6 @@ import hashlib
 import os
 import pwd
 import secrets
-import stat
-from pathlib import Path
 
 from carrier.errors import SandboxError
 from carrier.sandbox import procs
@@ -55,28 +53,6 @@ def read_password(layout: Layout, identity: str) -> str:
     return lines[0]
 
 
-def check_traversable(path: Path, uid: int, gid: int, user: str) -> None:
-    """Raise SandboxError unless ``user`` (uid/gid) can search every directory from / down to ``path``."""
-    current = path.resolve()
-    for directory in [current, *current.parents]:
-        try:
-            st = directory.stat()
-        except OSError:
-            continue  # not created yet: prepare() makes it with a usable mode
-        mode = stat.S_IMODE(st.st_mode)
-        if st.st_uid == uid:
-            ok = bool(mode & stat.S_IXUSR)
-        elif st.st_gid == gid:
-            ok = bool(mode & stat.S_IXGRP)
-        else:
-            ok = bool(mode & stat.S_IXOTH)
-        if not ok:
-            raise SandboxError(
-                f"{directory} is mode {mode:04o}: the {user} user cannot reach mail under it; "
-                f"use a sandbox dir under /var/tmp or `chmod o+x {directory}`"
-            )
-
-
 class Dovecot:
     """The sandbox IMAP/LMTP server, run in the foreground (``-F``) so its pid is ours to stop."""
 
@@ -116,7 +92,7 @@ class Dovecot:
         procs.find_binary("dovecot")
         account = self._mail_account()
         # Login processes run as dovenull and mail access as dovecot: both walk these paths.
-        check_traversable(self.layout.root, account.pw_uid, account.pw_gid, MAIL_USER)
+        procs.check_traversable(self.layout.root, uid=account.pw_uid, gid=account.pw_gid, user=MAIL_USER)
 
         for directory in (self.dir, self.base_dir, self.state_dir):
             directory.mkdir(parents=True, exist_ok=True)

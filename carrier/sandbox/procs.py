@@ -253,3 +253,31 @@ def child_pids(pid: int) -> list[int]:
         if int(ppid) == pid and state != "Z":
             children.append(int(entry.name))
     return children
+
+
+def searchable_by(st: os.stat_result, uid: int, gid: int) -> bool:
+    """True when a directory with stat ``st`` can be searched (x bit) by ``uid``/``gid``."""
+    mode = st.st_mode
+    if st.st_uid == uid:
+        return bool(mode & 0o100)
+    if st.st_gid == gid:
+        return bool(mode & 0o010)
+    return bool(mode & 0o001)
+
+
+def check_traversable(path: Path, *, uid: int, gid: int, user: str) -> None:
+    """Raise SandboxError unless ``user`` can search every existing directory from / to ``path``.
+
+    Directories not created yet are skipped: the sandbox makes them with usable modes.
+    """
+    current = path.resolve()
+    for directory in [current, *current.parents]:
+        try:
+            st = directory.stat()
+        except OSError:
+            continue
+        if not searchable_by(st, uid, gid):
+            raise SandboxError(
+                f"{directory} is mode {st.st_mode & 0o7777:04o}: the {user} user cannot reach {path}; "
+                f"use a sandbox dir under /var/tmp (--dir or CARRIER_SANDBOX_DIR) or `chmod o+x {directory}`"
+            )

@@ -1,0 +1,1 @@
+"""The mail layer: IMAP and SMTP connections, composition and parsing."""

@@ -1,0 +1,81 @@
+"""Open logged-in IMAP and SMTP connections for a configured account: the one place that maps
+an account's TLS mode, port and credentials onto imapclient and smtplib."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+
+from imapclient import IMAPClient
+
+from carrier.config import ImapSettings, MailAccount, SmtpSettings
+from carrier.errors import CarrierError
+from carrier.tls import client_context
+
+DEFAULT_TIMEOUT = 30.0
+_TLS_HINT = "trust the server's certificate with ca_file (or allow_self_signed)"
+
+
+class MailConnectError(CarrierError):
+    """A mail server could not be reached or refused the login."""
+
+
+def _context(settings: ImapSettings | SmtpSettings) -> ssl.SSLContext:
+    return client_context(ca_file=settings.ca_file, allow_self_signed=settings.allow_self_signed)
+
+
+def imap_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> IMAPClient:
+    """A logged-in IMAPClient for ``account``; MailConnectError says which step failed."""
+    imap = account.imap
+    where = f"IMAP {imap.host}:{imap.port} ({imap.tls}) for account {account.name}"
+    try:
+        client = IMAPClient(
+            imap.host, port=imap.port, ssl=imap.tls == "implicit",
+            ssl_context=_context(imap) if imap.tls == "implicit" else None, timeout=timeout,
+        )
+        if imap.tls == "starttls":
+            client.starttls(_context(imap))
+    except ssl.SSLError as exc:
+        raise MailConnectError(f"{where}: TLS failed ({exc.reason}): {_TLS_HINT}") from None
+    except OSError as exc:
+        raise MailConnectError(f"{where}: cannot connect ({exc})") from None
+    try:
+        client.login(account.username, account.password())
+    except IMAPClient.Error as exc:
+        _close_imap(client)
+        raise MailConnectError(f"{where}: login as {account.username} refused ({exc})") from None
+    return client
+
+
+def _close_imap(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except (IMAPClient.Error, OSError):
+        client.shutdown()
+
+
+def smtp_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> smtplib.SMTP:
+    """An SMTP session for ``account``, TLS set up and logged in when the account says so."""
+    smtp = account.smtp
+    where = f"SMTP {smtp.host}:{smtp.port} ({smtp.tls}) for account {account.name}"
+    try:
+        session: smtplib.SMTP
+        if smtp.tls == "implicit":
+            session = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=timeout, context=_context(smtp))
+        else:
+            session = smtplib.SMTP(smtp.host, smtp.port, timeout=timeout)
+            if smtp.tls == "starttls":
+                session.ehlo()
+                session.starttls(context=_context(smtp))
+        session.ehlo()
+    except ssl.SSLError as exc:
+        raise MailConnectError(f"{where}: TLS failed ({exc.reason}): {_TLS_HINT}") from None
+    except (OSError, smtplib.SMTPException) as exc:
+        raise MailConnectError(f"{where}: cannot connect ({exc})") from None
+    if smtp.auth:
+        try:
+            session.login(account.username, account.password())
+        except smtplib.SMTPException as exc:
+            session.close()
+            raise MailConnectError(f"{where}: login as {account.username} refused ({exc})") from None
+    return session
