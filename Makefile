@@ -49,7 +49,7 @@ unit: venv
 	$(BIN)/pytest tests/unit
 
 bench: deps venv
-	$(BIN)/python -m tests.bench.run
+	$(BIN)/python tests/bench/run.py
 
 sandbox-down: venv
 	$(BIN)/carrier sandbox down --dir $(SANDBOX_DIR)
