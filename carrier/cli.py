@@ -4,46 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import click
 
 from carrier import __version__
-from carrier.errors import CarrierError
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"carrier: error: {message}", err=True)
-    sys.exit(code)
-
-
-def friendly(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn a CarrierError into one line on stderr and its exit status (no traceback)."""
-
-    @wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except CarrierError as exc:
-            _fail(str(exc), exc.exit_code)
-            raise AssertionError("unreachable") from exc
-
-    return wrapper
-
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="carrier.yml (default: $CARRIER_CONFIG, then ~/.config/carrier/carrier.yml).",
-)
+from carrier.clikit import config_option, fail, friendly
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +28,7 @@ def check(config_path: Path | None) -> None:
     path = resolve_config_path(config_path, os.environ)
     problems = check_config(path, os.environ)
     if len(problems) == 1:
-        _fail(problems[0])
+        fail(problems[0])
     if problems:
         click.echo(f"{path}: {len(problems)} problems", err=True)
         for problem in problems:
@@ -147,3 +113,15 @@ def sandbox_env(root: Path | None) -> None:
 
     for line in Sandbox(root or default_root()).env_lines():
         click.echo(line)
+
+
+def _register() -> None:
+    """Attach the command groups each layer defines next to its own code."""
+    from carrier.auth.cli import audit, enroll, token
+    from carrier.mcp.cli import mcp
+
+    for command in (enroll, token, audit, mcp):
+        main.add_command(command)
+
+
+_register()

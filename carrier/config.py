@@ -94,6 +94,8 @@ class MailAccount:
     name: str
     address: str
     username: str
+    #: The name in From: of mail Carrier sends (``Name <address>``).
+    display_name: str = "Carrier"
     password_env: str | None = None
     password_file: Path | None = None
     imap: ImapSettings
@@ -148,6 +150,10 @@ class Role:
     exec: bool = False
     shell: bool = False
     pty: bool = False
+    #: Ad-hoc Ansible modules this role may run (globs, e.g. ``ping``, ``service``).
+    modules: tuple[str, ...] = ()
+    #: MCP mail tools this role may call (globs over tool names, e.g. ``mail_*``).
+    mail: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +169,27 @@ class Limits:
 class KeyserverSettings:
     url: str = "https://keys.openpgp.org"
     timeout: float = 10.0
+    #: Look keys up by WKD (the sender's domain) before asking the keyserver.
+    wkd: bool = True
+    #: Replaces ``https://<domain>`` in WKD lookups (a private WKD server, tests).
+    wkd_url: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    #: Seconds an enrollment challenge (its single-use nonce) stays valid.
+    challenge_ttl: int = 86400
+    #: Seconds after its signature time that a signed command is still accepted.
+    signature_max_age: int = 900
+    #: Seconds a signature time may lie in the future (clocks differ).
+    clock_skew: int = 300
+    #: Refuse shell metacharacters in exec/PTY commands of roles without ``shell``.
+    strict_commands: bool = False
+    #: Role of an approved enrollment when the admin names none.
+    default_role: str = "viewer"
+    #: Lifetime of an MCP token when none is asked for, and the longest one issued.
+    token_ttl: int = 2592000
+    token_max_ttl: int = 31536000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +220,13 @@ class LoggingSettings:
     level: str = "INFO"
 
 
+@dataclass(frozen=True, kw_only=True)
+class MailSettings:
+    #: Where ``mail_attachment_get(save_to=...)`` may write and ``mail_send`` attachments by path
+    #: may be read from; ``None`` in the file means ``<state_dir>/downloads``.
+    download_dir: Path | None = None
+
+
 def _default_roles() -> Mapping[str, Role]:
     return MappingProxyType(
         {
@@ -218,8 +252,10 @@ class Config:
     admin_contacts: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     keyserver: KeyserverSettings = field(default_factory=KeyserverSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     llm: LlmSettings = field(default_factory=LlmSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    mail: MailSettings = field(default_factory=MailSettings)
 
     @property
     def default_account(self) -> MailAccount:
@@ -709,6 +745,7 @@ def _check_password(values: dict[str, Any], at: _At) -> None:
 _ACCOUNT: Mapping[str, _F] = {
     "name": _F(_account_name, _REQUIRED, "a short name such as carrier"),
     "address": _F(_email, _REQUIRED, "the account's mail address (or set EMAIL_USER)"),
+    "display_name": _F(_str, "Carrier"),
     "username": _F(_str),
     "password_env": _F(_env_name),
     "password_file": _F(_path),
@@ -761,6 +798,8 @@ _ROLE: Mapping[str, _F] = {
     "exec": _F(_bool, False),
     "shell": _F(_bool, False),
     "pty": _F(_bool, False),
+    "modules": _F(_list(_str), ()),
+    "mail": _F(_list(_str), ()),
 }
 
 
@@ -785,7 +824,31 @@ def _roles(value: Any, at: _At) -> Mapping[str, Role]:
 
 
 _LIMITS: Mapping[str, _F] = {name: _F(_positive, default) for name, default in vars(Limits()).items()}
-_KEYSERVER: Mapping[str, _F] = {"url": _F(_url, KeyserverSettings.url), "timeout": _F(_seconds, 10.0)}
+_KEYSERVER: Mapping[str, _F] = {
+    "url": _F(_url, KeyserverSettings.url),
+    "timeout": _F(_seconds, 10.0),
+    "wkd": _F(_bool, True),
+    "wkd_url": _F(_url),
+}
+
+
+def _check_auth(values: dict[str, Any], at: _At) -> None:
+    ttl, longest = values.get("token_ttl"), values.get("token_max_ttl")
+    if ttl is not None and longest is not None and ttl > longest:
+        at.key("token_ttl").problem(
+            f"{ttl} is longer than token_max_ttl ({longest}): lower it or raise the cap"
+        )
+
+
+_AUTH: Mapping[str, _F] = {
+    "challenge_ttl": _F(_positive, AuthSettings.challenge_ttl),
+    "signature_max_age": _F(_positive, AuthSettings.signature_max_age),
+    "clock_skew": _F(_int(0), AuthSettings.clock_skew),
+    "strict_commands": _F(_bool, False),
+    "default_role": _F(_str, AuthSettings.default_role),
+    "token_ttl": _F(_positive, AuthSettings.token_ttl),
+    "token_max_ttl": _F(_positive, AuthSettings.token_max_ttl),
+}
 
 
 def _check_llm(values: dict[str, Any], at: _At) -> None:
@@ -828,8 +891,10 @@ _TOP: Mapping[str, _F] = {
     "admin_contacts": _F(_list(_email), ()),
     "limits": _F(_section(Limits, _LIMITS), Limits()),
     "keyserver": _F(_section(KeyserverSettings, _KEYSERVER), KeyserverSettings()),
+    "auth": _F(_section(AuthSettings, _AUTH, check=_check_auth), AuthSettings()),
     "llm": _F(_section(LlmSettings, _LLM, _MSG_INLINE_LLM, _check_llm)),
     "logging": _F(_section(LoggingSettings, {"level": _F(_level, "INFO")}), LoggingSettings()),
+    "mail": _F(_section(MailSettings, {"download_dir": _F(_path)}), MailSettings()),
 }
 
 
@@ -864,6 +929,7 @@ def _build_config(root: Any, path: Path, ctx: _Ctx) -> Config:
     state_dir = values["state_dir"] or ctx.home / DEFAULT_STATE_DIR
     values["gnupg_home"] = values["gnupg_home"] or state_dir / "gnupg"
     values["llm"] = values["llm"] or LlmSettings(api_key_override=ctx.llm_key, environ=ctx.env)
+    values["mail"] = MailSettings(download_dir=values["mail"].download_dir or state_dir / "downloads")
     return Config(**{**values, "state_dir": state_dir}, path=path)
 
 

@@ -4,6 +4,7 @@ an account's TLS mode, port and credentials onto imapclient and smtplib."""
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
 
 from imapclient import IMAPClient
@@ -30,20 +31,33 @@ def imap_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> I
     where = f"IMAP {imap.host}:{imap.port} ({imap.tls}) for account {account.name}"
     try:
         client = IMAPClient(
-            imap.host, port=imap.port, ssl=imap.tls == "implicit",
-            ssl_context=_context(imap) if imap.tls == "implicit" else None, timeout=timeout,
+            imap.host,
+            port=imap.port,
+            ssl=imap.tls == "implicit",
+            ssl_context=_context(imap) if imap.tls == "implicit" else None,
+            timeout=timeout,
         )
         if imap.tls == "starttls":
             client.starttls(_context(imap))
+        # Small commands and replies in lock-step: send each at once rather than batching (Nagle).
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except ssl.SSLError as exc:
         raise MailConnectError(f"{where}: TLS failed ({exc.reason}): {_TLS_HINT}") from None
     except OSError as exc:
         raise MailConnectError(f"{where}: cannot connect ({exc})") from None
+    except IMAPClient.Error as exc:  # no greeting, or the server refused STARTTLS
+        raise MailConnectError(f"{where}: no usable IMAP session ({exc}): is it an IMAP server?") from None
     try:
         client.login(account.username, account.password())
+    except IMAPClient.AbortError as exc:
+        _close_imap(client)
+        raise MailConnectError(f"{where}: connection lost while logging in ({exc})") from None
     except IMAPClient.Error as exc:
         _close_imap(client)
         raise MailConnectError(f"{where}: login as {account.username} refused ({exc})") from None
+    except OSError as exc:
+        _close_imap(client)
+        raise MailConnectError(f"{where}: connection lost while logging in ({exc})") from None
     return client
 
 

@@ -152,8 +152,70 @@ _V1 = Migration(
     ),
 )
 
+_V2 = Migration(
+    2,
+    "trust: hash-chained audit, persisted rate-limit buckets, seen signature digests",
+    (
+        # Each audit row's hash covers the previous row's hash and its own content (carrier.auth.audit).
+        "ALTER TABLE audit ADD COLUMN prev_hash TEXT CHECK (prev_hash IS NULL OR length(prev_hash) = 64)",
+        "ALTER TABLE audit ADD COLUMN row_hash TEXT CHECK (row_hash IS NULL OR length(row_hash) = 64)",
+        # The newest chained row and how many there are: a deleted tail row is found too.
+        """
+        CREATE TABLE audit_head (
+            id        INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+            last_id   INTEGER NOT NULL,
+            last_hash TEXT NOT NULL CHECK (length(last_hash) = 64),
+            row_count INTEGER NOT NULL CHECK (row_count >= 0)
+        )
+        """,
+        """
+        CREATE TABLE rate_buckets (
+            key        TEXT PRIMARY KEY NOT NULL,
+            tokens     REAL NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE seen_signatures (
+            digest      TEXT PRIMARY KEY NOT NULL CHECK (length(digest) = 64),
+            fingerprint TEXT NOT NULL,
+            message_key TEXT NOT NULL,
+            signed_at   REAL NOT NULL,
+            seen_at     REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX seen_signatures_by_time ON seen_signatures (signed_at)",
+    ),
+)
+
+_V3 = Migration(
+    3,
+    "jobs: how each job runs (engine, hosts, detached process, ingest cursor, cancel, supervisor)",
+    (
+        # One row per job that was handed to an engine (carrier.jobs.manager, SQL in store/jobruns.py).
+        """
+        CREATE TABLE job_runs (
+            job_id           TEXT PRIMARY KEY NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            engine           TEXT NOT NULL,
+            hosts            TEXT NOT NULL DEFAULT '[]',
+            run_dir          TEXT NOT NULL DEFAULT '',
+            pid              INTEGER,
+            pid_start        TEXT,
+            cursor           INTEGER NOT NULL DEFAULT 0 CHECK (cursor >= 0),
+            reason           TEXT NOT NULL DEFAULT '',
+            summary          TEXT NOT NULL DEFAULT '{}',
+            cancel_at        REAL,
+            cancel_by        TEXT,
+            supervisor_pid   INTEGER,
+            supervisor_start TEXT,
+            updated_at       REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
 #: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1,)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
 
 #: The schema version this Carrier writes and understands.
 LATEST_VERSION = MIGRATIONS[-1].version

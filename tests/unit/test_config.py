@@ -224,6 +224,29 @@ def test_minimal_file_gets_the_documented_defaults(site: Path) -> None:
     assert cfg.logging.level == "INFO"
 
 
+def test_account_display_name_defaults_to_carrier_and_can_be_set(site: Path) -> None:
+    assert load_config(write(site / "carrier.yml", MINIMAL), ENV).default_account.display_name == "Carrier"
+    named = "address: carrier@example.test\n    display_name: Ops Bot"
+    text = edit(MINIMAL, "address: carrier@example.test", named)
+    assert load_config(write(site / "carrier.yml", text), ENV).default_account.display_name == "Ops Bot"
+
+
+def test_mail_download_dir_defaults_under_the_state_dir(site: Path) -> None:
+    cfg = load_config(write(site / "carrier.yml", "state_dir: /var/lib/carrier\n" + MINIMAL), ENV)
+    assert cfg.mail.download_dir == Path("/var/lib/carrier/downloads")
+
+
+def test_mail_download_dir_is_resolved_against_the_config_directory(site: Path) -> None:
+    cfg = load_config(write(site / "carrier.yml", MINIMAL + "mail: {download_dir: dl}\n"), ENV)
+    assert cfg.mail.download_dir == site / "dl"
+    assert not (site / "dl").exists()  # created on first use by the mail tools, not by loading
+
+
+def test_mail_section_refuses_unknown_keys(site: Path) -> None:
+    found = check_config(write(site / "carrier.yml", MINIMAL + "mail: {downloads: x}\n"), ENV)
+    assert len(found) == 1 and "mail.downloads" in found[0] and "download_dir" in found[0], found
+
+
 def test_gnupg_home_defaults_under_the_configured_state_dir(site: Path) -> None:
     cfg = load_config(write(site / "carrier.yml", "state_dir: /var/lib/carrier\n" + MINIMAL), ENV)
     assert cfg.state_dir == Path("/var/lib/carrier")
@@ -912,3 +935,50 @@ def test_unknown_account_name(site: Path) -> None:
     cfg = load_config(write(site / "carrier.yml", MINIMAL), ENV)
     with pytest.raises(ConfigError, match="no mail account named 'nope' \\(accounts: carrier\\)"):
         cfg.account("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust settings (auth:, keyserver WKD, role modules and mail tools)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auth_and_wkd_defaults(site: Path) -> None:
+    cfg = load_config(write(site / "carrier.yml", MINIMAL), ENV)
+    auth = cfg.auth
+    assert (auth.challenge_ttl, auth.signature_max_age, auth.clock_skew) == (86400, 900, 300)
+    assert (auth.strict_commands, auth.default_role) == (False, "viewer")
+    assert (auth.token_ttl, auth.token_max_ttl) == (2592000, 31536000)
+    assert (cfg.keyserver.wkd, cfg.keyserver.wkd_url) == (True, None)
+    assert cfg.roles["operator"].modules == () and cfg.roles["operator"].mail == ()
+
+
+def test_auth_section_and_role_fields_are_typed(site: Path) -> None:
+    text = MINIMAL + textwrap.dedent("""\
+        auth: {challenge_ttl: 600, signature_max_age: "120", clock_skew: 0, strict_commands: yes,
+               default_role: ops, token_ttl: 60, token_max_ttl: 3600}
+        keyserver: {wkd: false, wkd_url: "http://127.0.0.1:8080"}
+        roles:
+          ops: {modules: [ping, "service*"], mail: ["mail_inbox_*"], exec: true}
+        """)
+    cfg = load_config(write(site / "carrier.yml", text), ENV)
+    assert (cfg.auth.challenge_ttl, cfg.auth.signature_max_age, cfg.auth.clock_skew) == (600, 120, 0)
+    assert cfg.auth.strict_commands is True and cfg.auth.default_role == "ops"
+    assert (cfg.auth.token_ttl, cfg.auth.token_max_ttl) == (60, 3600)
+    assert (cfg.keyserver.wkd, cfg.keyserver.wkd_url) == (False, "http://127.0.0.1:8080")
+    assert cfg.roles["ops"] == Role(exec=True, modules=("ping", "service*"), mail=("mail_inbox_*",))
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "message"),
+    [
+        ("auth: {challenge_ttl: 0}", "auth.challenge_ttl", "whole number"),
+        ("auth: {clock_skew: -1}", "auth.clock_skew", "whole number"),
+        ("auth: {token_ttl: 7200, token_max_ttl: 3600}", "auth.token_ttl", "longer than token_max_ttl"),
+        ("auth: {nonce_ttl: 5}", "auth", "unknown key 'nonce_ttl'"),
+        ("keyserver: {wkd_url: ftp://wkd.example}", "keyserver.wkd_url", "http"),
+        ("roles: {ops: {modules: ping}}", "roles.ops.modules", "list"),
+    ],
+)
+def test_wrong_trust_values_name_the_key(site: Path, extra: str, where: str, message: str) -> None:
+    problem = only_problem(write(site / "carrier.yml", MINIMAL + extra + "\n"))
+    assert problem.startswith(where) and message in problem, problem

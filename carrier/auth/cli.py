@@ -1,0 +1,217 @@
+"""`carrier enroll|token|audit`: the local admin's view of the trust layer.
+
+Register with ``main.add_command(enroll)``, ``main.add_command(token)``, ``main.add_command(audit)``.
+A local admin is whoever can read carrier.yml and the state directory; actions are audited with
+the door ``cli`` and the actor ``cli:<unix user>``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from carrier.auth.errors import AuthError
+from carrier.auth.service import Trust
+from carrier.clikit import config_option, friendly
+from carrier.config import load_config, resolve_config_path
+from carrier.store import ENROLLMENT_STATES, Store
+
+
+@contextmanager
+def _trust(config_path: Path | None) -> Iterator[Trust]:
+    config = load_config(resolve_config_path(config_path, os.environ), os.environ)
+    store = Store.open(config.state_dir)
+    try:
+        yield Trust(config, store)
+    finally:
+        store.close()
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _finish(status: str, reply: str, ok: tuple[str, ...]) -> None:
+    click.echo(reply)
+    if status not in ok:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- enroll
+
+
+@click.group()
+def enroll() -> None:
+    """Enrollment requests: list them, approve, deny, revoke a key."""
+
+
+@enroll.command("list")
+@config_option
+@click.option("--state", "states", multiple=True, type=click.Choice(ENROLLMENT_STATES),
+              help="Only requests in this state (repeatable). Default: the open ones "
+                   "(requested, challenged, verified).")
+@click.option("--all", "show_all", is_flag=True, help="Every request, whatever its state.")
+@friendly
+def enroll_list(config_path: Path | None, states: tuple[str, ...], show_all: bool) -> None:
+    """List enrollment requests, newest first."""
+    with _trust(config_path) as trust:
+        chosen = None if show_all else (list(states) or ["requested", "challenged", "verified"])
+        records = trust.local_enrollment.pending(chosen)
+    if not records:
+        click.echo("no enrollment requests")
+        return
+    for r in records:
+        click.echo(f"{r.id}  {r.state:<10}  {r.email}  {r.fingerprint or '-'}  role={r.role or '-'}  "
+                   f"created={_when(r.created_at)}  decided_by={r.decided_by or '-'}")
+
+
+@enroll.command("approve")
+@config_option
+@click.argument("request_id")
+@click.option("--role", default=None, help="Role to enroll with (default: auth.default_role).")
+@friendly
+def enroll_approve(config_path: Path | None, request_id: str, role: str | None) -> None:
+    """Approve a confirmed request (exit 1 if it cannot be approved)."""
+    with _trust(config_path) as trust:
+        outcome = trust.local_enrollment.approve(request_id, by=_actor(), door="cli", role=role)
+    _finish(outcome.status, outcome.reply, ("approved",))
+
+
+@enroll.command("deny")
+@config_option
+@click.argument("request_id")
+@friendly
+def enroll_deny(config_path: Path | None, request_id: str) -> None:
+    """Deny an open request."""
+    with _trust(config_path) as trust:
+        outcome = trust.local_enrollment.deny(request_id, by=_actor(), door="cli")
+    _finish(outcome.status, outcome.reply, ("denied",))
+
+
+@enroll.command("revoke")
+@config_option
+@click.argument("fingerprint")
+@friendly
+def enroll_revoke(config_path: Path | None, fingerprint: str) -> None:
+    """Revoke an enrolled key (also one listed in carrier.yml) and its owner's tokens."""
+    with _trust(config_path) as trust:
+        outcome = trust.local_enrollment.revoke(fingerprint, by=_actor(), door="cli")
+    _finish(outcome.status, outcome.reply, ("revoked",))
+
+
+# --------------------------------------------------------------------------- token
+
+
+@click.group()
+def token() -> None:
+    """MCP bearer tokens: issue (shown once), list, revoke."""
+
+
+@token.command("issue")
+@config_option
+@click.argument("owner")
+@click.option("--role", default=None, help="Role of the token (default: the owner's enrolled role).")
+@click.option("--scope", "scopes", multiple=True,
+              help="Narrow the token: tools:run|jobs|mail|* or hosts:<pattern> (repeatable).")
+@click.option("--ttl", type=click.IntRange(1), default=None,
+              help="Lifetime in seconds (default: auth.token_ttl).")
+@friendly
+def token_issue(config_path: Path | None, owner: str, role: str | None, scopes: tuple[str, ...],
+                ttl: int | None) -> None:
+    """Issue a token for OWNER and print it once (only its hash is kept)."""
+    with _trust(config_path) as trust:
+        if role is None:
+            identity = trust.directory.identity(owner, door="mcp")
+            if identity is None:
+                raise AuthError(f"{owner} is not enrolled: name a role with --role", reason="bad_request")
+            role = identity.role
+        issued = trust.tokens.issue(owner, role, scopes=scopes, ttl=ttl)
+        trust.audit.record(_actor(), "cli", "token:issue", target=issued.record.id, outcome="issued",
+                           detail={"owner": owner, "role": role, "scopes": list(scopes),
+                                   "expires_at": issued.record.expires_at})
+    click.echo(issued.token)
+    expires = _when(issued.record.expires_at)
+    click.echo(f"id {issued.record.id}, owner {owner}, role {role}, expires {expires} UTC: "
+               "this is the only time the token is shown", err=True)
+
+
+@token.command("list")
+@config_option
+@click.option("--owner", default=None, help="Only tokens of this owner.")
+@friendly
+def token_list(config_path: Path | None, owner: str | None) -> None:
+    """List tokens (never the tokens themselves), newest first."""
+    with _trust(config_path) as trust:
+        records = trust.tokens.list_tokens(owner)
+        now = trust.store.clock()
+    if not records:
+        click.echo("no tokens")
+        return
+    for r in records:
+        state = ("revoked" if r.revoked_at is not None
+                 else "expired" if r.expires_at is not None and r.expires_at <= now else "live")
+        click.echo(f"{r.id}  {state:<7}  {r.owner}  role={r.role}  scopes={','.join(r.scopes) or '-'}  "
+                   f"expires={_when(r.expires_at)}  last_used={_when(r.last_used_at)}")
+
+
+@token.command("revoke")
+@config_option
+@click.argument("token_id")
+@friendly
+def token_revoke(config_path: Path | None, token_id: str) -> None:
+    """Revoke a token by its id (t-...)."""
+    with _trust(config_path) as trust:
+        try:
+            done = trust.tokens.revoke(token_id)
+        except ValueError as exc:
+            raise AuthError(str(exc), reason="bad_request") from None
+        trust.audit.record(_actor(), "cli", "token:revoke", target=token_id,
+                           outcome="revoked" if done else "unchanged")
+    if not done:
+        click.echo(f"no live token {token_id}")
+        sys.exit(1)
+    click.echo(f"revoked {token_id}")
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@click.command()
+@config_option
+@click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 and name each broken row.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--actor", default=None, help="Only rows of this actor.")
+@click.option("--action", default=None, help="Only rows of this action (e.g. enroll:approve).")
+@friendly
+def audit(config_path: Path | None, verify: bool, limit: int, actor: str | None, action: str | None) -> None:
+    """Show the newest audit rows, or --verify the whole chain."""
+    with _trust(config_path) as trust:
+        if verify:
+            report = trust.audit.verify()
+            if report.ok:
+                click.echo(f"audit chain ok: {report.rows} rows")
+                return
+            for problem in report.problems:
+                click.echo(problem)
+            click.echo(f"audit chain BROKEN: {len(report.problems)} problem(s) in {report.rows} rows",
+                       err=True)
+            sys.exit(1)
+        rows = trust.store.list_audit(actor=actor, action=action, limit=limit)
+    for r in reversed(rows):
+        detail = " ".join(f"{k}={v}" for k, v in sorted(r.detail.items()))
+        click.echo(f"{r.id}  {_when(r.ts)}  {r.door:<6}  {r.actor}  {r.action}  {r.target or '-'}  "
+                   f"{r.outcome}  {detail}".rstrip())

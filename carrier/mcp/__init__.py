@@ -1,0 +1,1 @@
+"""The MCP door: an MCPServer (stdio now, streamable HTTP later) with Carrier's tools."""

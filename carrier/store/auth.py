@@ -1,0 +1,187 @@
+"""SQL for the trust layer (``carrier.auth``): the audit hash chain, rate-limit buckets, seen signatures.
+
+Functions take the process's ``Store`` and run in ``store.transaction()`` (``BEGIN IMMEDIATE``), so
+each read-modify-write is atomic across threads and processes. The tables come from schema
+migration 2. What a hash covers and what a bucket means is decided in ``carrier.auth``; this module
+only keeps the rows consistent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from carrier.store import schema
+from carrier.store.db import Store
+
+#: ``prev_hash`` of the first chained audit row.
+GENESIS_HASH = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class ChainedAuditRow:
+    """An audit row with its chain columns (``None`` for a row written outside the chain)."""
+
+    id: int
+    ts: float
+    actor: str
+    door: str
+    action: str
+    target: str
+    outcome: str
+    detail_json: str  # as stored: the hash covers these exact characters
+    prev_hash: str | None
+    row_hash: str | None
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        value = json.loads(self.detail_json)
+        return value if isinstance(value, dict) else {"value": value}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditHead:
+    last_id: int
+    last_hash: str
+    row_count: int
+
+
+#: (prev_hash, row without hashes) -> row_hash
+RowHasher = Callable[[str, ChainedAuditRow], str]
+
+
+def _dumps(value: Mapping[str, Any]) -> str:
+    return json.dumps(dict(value), ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def append_audit(
+    store: Store,
+    hasher: RowHasher,
+    *,
+    actor: str,
+    door: str,
+    action: str,
+    target: str,
+    outcome: str,
+    detail: Mapping[str, Any],
+) -> ChainedAuditRow:
+    """Insert an audit row chained to the head, move the head; all in one write transaction."""
+    if door not in schema.AUDIT_DOORS:
+        raise ValueError(f"invalid door {door!r}: expected one of {', '.join(schema.AUDIT_DOORS)}")
+    for name, value in (("actor", actor), ("action", action), ("outcome", outcome)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string")
+    detail_json = _dumps(detail)
+    with store.transaction() as conn:
+        head = conn.execute("SELECT last_hash, row_count FROM audit_head WHERE id = 1").fetchone()
+        prev_hash, count = (head[0], int(head[1])) if head is not None else (GENESIS_HASH, 0)
+        ts = store.clock()
+        cur = conn.execute(
+            "INSERT INTO audit (ts, actor, door, action, target, outcome, detail, prev_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (ts, actor, door, action, target, outcome, detail_json, prev_hash),
+        )
+        row_id = int(cur.lastrowid or 0)
+        unhashed = ChainedAuditRow(row_id, ts, actor, door, action, target, outcome, detail_json,
+                                   prev_hash, None)
+        row_hash = hasher(prev_hash, unhashed)
+        conn.execute("UPDATE audit SET row_hash = ? WHERE id = ?", (row_hash, row_id))
+        conn.execute(
+            "INSERT INTO audit_head (id, last_id, last_hash, row_count) VALUES (1, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET last_id = excluded.last_id, last_hash = excluded.last_hash, "
+            "row_count = excluded.row_count",
+            (row_id, row_hash, count + 1),
+        )
+    return ChainedAuditRow(row_id, ts, actor, door, action, target, outcome, detail_json, prev_hash, row_hash)
+
+
+def read_audit_chain(store: Store) -> tuple[list[ChainedAuditRow], AuditHead | None]:
+    """Every audit row (oldest first) and the head, read in one transaction (a consistent snapshot)."""
+    with store.transaction() as conn:
+        rows = conn.execute(
+            "SELECT id, ts, actor, door, action, target, outcome, detail, prev_hash, row_hash "
+            "FROM audit ORDER BY id"
+        ).fetchall()
+        head = conn.execute("SELECT last_id, last_hash, row_count FROM audit_head WHERE id = 1").fetchone()
+    chain = [
+        ChainedAuditRow(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows
+    ]
+    return chain, (AuditHead(int(head[0]), head[1], int(head[2])) if head is not None else None)
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    allowed: bool
+    tokens: float  # left after this request
+    retry_after: float  # seconds until one token is back (0 when allowed)
+
+
+def take_from_bucket(
+    store: Store, key: str, *, capacity: float, refill_per_second: float, cost: float = 1.0
+) -> BucketState:
+    """Token bucket ``key``: refill by elapsed time, then take ``cost`` if there is that much.
+
+    A new key starts full. The state is in the database, so a restart keeps an attacker's budget.
+    """
+    if not key:
+        raise ValueError("a rate-limit key must be non-empty")
+    if capacity <= 0 or refill_per_second <= 0 or cost <= 0:
+        raise ValueError("capacity, refill rate and cost must be positive")
+    with store.transaction() as conn:
+        now = store.clock()
+        row = conn.execute("SELECT tokens, updated_at FROM rate_buckets WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            tokens = capacity
+        else:
+            elapsed = max(0.0, now - float(row[1]))  # a clock step backwards refills nothing
+            tokens = min(capacity, float(row[0]) + elapsed * refill_per_second)
+        allowed = tokens >= cost
+        if allowed:
+            tokens -= cost
+        conn.execute(
+            "INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+            (key, tokens, now),
+        )
+    retry = 0.0 if allowed else (cost - tokens) / refill_per_second
+    return BucketState(allowed, tokens, retry)
+
+
+def prune_buckets(store: Store, idle_before: float) -> int:
+    """Forget buckets untouched since ``idle_before`` (they would be full again anyway)."""
+    with store.transaction() as conn:
+        return conn.execute("DELETE FROM rate_buckets WHERE updated_at < ?", (idle_before,)).rowcount
+
+
+# --------------------------------------------------------------------------- seen signatures
+
+
+def remember_signature(
+    store: Store, digest: str, *, fingerprint: str, message_key: str, signed_at: float
+) -> bool:
+    """Record a signature digest; False when it was seen with another ``message_key`` (a replay).
+
+    The same mail (same ``message_key``) may be checked again, e.g. when processing resumes after
+    a crash; any other mail carrying that signature is a replay.
+    """
+    if len(digest) != 64:
+        raise ValueError("a signature digest is a sha256 hex digest")
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO seen_signatures (digest, fingerprint, message_key, signed_at, seen_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+            (digest, fingerprint, message_key, signed_at, store.clock()),
+        )
+        row = conn.execute("SELECT message_key FROM seen_signatures WHERE digest = ?", (digest,)).fetchone()
+    return bool(row is not None and row[0] == message_key)
+
+
+def forget_signatures(store: Store, signed_before: float) -> int:
+    """Drop digests of signatures older than ``signed_before`` (freshness rejects those anyway)."""
+    with store.transaction() as conn:
+        return conn.execute("DELETE FROM seen_signatures WHERE signed_at < ?", (signed_before,)).rowcount
