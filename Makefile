@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SANDBOX_DIR ?= /var/tmp/carrier-sandbox
 # Servers the sandbox runs and tools the tests drive (real Dovecot, sshd, gpg, swaks, tmux).
-DEB_PACKAGES := dovecot-imapd dovecot-lmtpd openssh-server openssh-client gnupg swaks tmux ca-certificates
+# sudo, python3-apt and systemd (systemd-analyze only; it need not run) serve the Molecule tests.
+DEB_PACKAGES := dovecot-imapd dovecot-lmtpd openssh-server openssh-client gnupg swaks tmux ca-certificates \
+	sudo python3-apt systemd
 
 .PHONY: help deps venv run test lint unit integration bench sandbox-down clean
 
@@ -39,8 +41,9 @@ run: deps venv
 	exec $(BIN)/carrier serve --config $(SANDBOX_DIR)/carrier.yml
 
 lint: venv
-	$(BIN)/ruff check carrier tests
+	$(BIN)/ruff check carrier tests molecule
 	$(BIN)/mypy
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint roles molecule playbooks
 
 test: deps venv lint
 	$(BIN)/pytest
