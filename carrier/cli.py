@@ -118,9 +118,10 @@ def sandbox_env(root: Path | None) -> None:
 def _register() -> None:
     """Attach the command groups each layer defines next to its own code."""
     from carrier.auth.cli import audit, enroll, token
+    from carrier.jobs.cli import COMMANDS as JOB_COMMANDS
     from carrier.mcp.cli import mcp
 
-    for command in (enroll, token, audit, mcp):
+    for command in (*JOB_COMMANDS, enroll, token, audit, mcp):
         main.add_command(command)
 
 

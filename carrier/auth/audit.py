@@ -6,7 +6,7 @@ door, action, target, outcome, detail), and a head record keeps the newest hash 
 row inserted behind Carrier's back is reported by id. Anyone who can rewrite the whole database can
 rewrite the chain too: this makes tampering evident, it does not make it impossible.
 
-Rows must be written through ``Audit.record`` (not ``Store.record_audit``, which does not chain).
+Rows are written only through ``Audit.record``: the store has no unchained writer.
 """
 
 from __future__ import annotations

@@ -1003,29 +1003,6 @@ class Store:
 
     # ----------------------------------------------------------------- audit
 
-    def record_audit(
-        self,
-        actor: str,
-        door: str,
-        action: str,
-        *,
-        target: str = "",
-        outcome: str = "ok",
-        detail: Mapping[str, Any] | None = None,
-    ) -> int:
-        """Append an audit row; return its id. ``door`` is mail, mcp, cli or system."""
-        _check_text("actor", actor)
-        _check_choice("door", door, schema.AUDIT_DOORS)
-        _check_text("action", action)
-        _check_text("outcome", outcome)
-        with self.transaction() as conn:
-            cur = conn.execute(
-                "INSERT INTO audit (ts, actor, door, action, target, outcome, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (self.clock(), actor, door, action, target, outcome, _dumps(dict(detail or {}))),
-            )
-        return int(cur.lastrowid or 0)
-
     def list_audit(
         self,
         *,

@@ -214,8 +214,62 @@ _V3 = Migration(
     ),
 )
 
+_V4 = Migration(
+    4,
+    "email door: message leases between Carrier processes, per-command steps, jobs awaiting a result mail",
+    (
+        # Who works on a claimed mail now (carrier.mail.gateway, SQL in store/gateway.py).
+        """
+        CREATE TABLE mail_leases (
+            account    TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            owner      TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (account, message_id)
+        ) WITHOUT ROWID
+        """,
+        # What each command of a mail did (its reply section, its job): a resumed mail never
+        # runs a recorded step again.
+        """
+        CREATE TABLE mail_steps (
+            account    TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            idx        INTEGER NOT NULL CHECK (idx >= 0),
+            job_id     TEXT,
+            section    TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            PRIMARY KEY (account, message_id, idx)
+        ) WITHOUT ROWID
+        """,
+        # Jobs started by mail whose result mail is still to be queued.
+        """
+        CREATE TABLE mail_jobs (
+            job_id         TEXT PRIMARY KEY NOT NULL,
+            account        TEXT NOT NULL,
+            message_id     TEXT NOT NULL,
+            reply          TEXT NOT NULL DEFAULT '{}',
+            state          TEXT NOT NULL DEFAULT 'watching' CHECK (state IN ('watching', 'done')),
+            progress_at    REAL NOT NULL,
+            progress_count INTEGER NOT NULL DEFAULT 0,
+            created_at     REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX mail_jobs_by_state ON mail_jobs (state)",
+        # Commands an LLM proposed, waiting for a signed `confirm <code>` (only the code's sha256).
+        """
+        CREATE TABLE mail_proposals (
+            code_hash  TEXT PRIMARY KEY NOT NULL CHECK (length(code_hash) = 64),
+            owner      TEXT NOT NULL,
+            line       TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at    REAL
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
 #: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
 
 #: The schema version this Carrier writes and understands.
 LATEST_VERSION = MIGRATIONS[-1].version

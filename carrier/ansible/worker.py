@@ -1,0 +1,89 @@
+"""The detached ansible-runner worker: ``python -m carrier.ansible.worker RUN_DIR``.
+
+Started by ``carrier.ansible.runner.start_worker`` in its own session, so it keeps running when
+Carrier stops. It reads ``spec.json``, runs ansible-runner with a cancel callback (SIGTERM or the
+``cancel`` file) polled every ``PEXPECT_TIMEOUT`` seconds, and writes ``result.json`` last.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from types import FrameType
+
+from carrier.ansible.runner import (
+    CANCEL_FILE,
+    IDENT,
+    PEXPECT_TIMEOUT,
+    SPEC_FILE,
+    RunSpec,
+    stop_run_processes,
+    write_result,
+)
+
+
+def run(run_dir: Path) -> int:
+    spec = RunSpec.from_json((run_dir / SPEC_FILE).read_text(encoding="utf-8"))
+    cancelled = threading.Event()
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        cancelled.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    cancel_file = run_dir / CANCEL_FILE
+
+    def cancel_callback() -> bool:
+        return cancelled.is_set() or cancel_file.exists()
+
+    import ansible_runner
+
+    kwargs: dict[str, object] = {
+        "private_data_dir": str(run_dir),
+        "ident": IDENT,
+        "inventory": spec.inventory,
+        "extravars": spec.extra_vars or None,
+        "forks": spec.forks,
+        "verbosity": spec.verbosity or None,
+        "cmdline": spec.cmdline() or None,
+        "envvars": spec.env,
+        "quiet": True,
+        "cancel_callback": cancel_callback,
+        "settings": {"pexpect_timeout": PEXPECT_TIMEOUT, "suppress_ansible_output": True},
+    }
+    if spec.timeout:
+        kwargs["timeout"] = spec.timeout
+    if spec.kind == "playbook":
+        kwargs.update(project_dir=spec.project_dir, playbook=spec.playbook, limit=spec.limit)
+        if spec.tags:
+            kwargs["tags"] = ",".join(spec.tags)
+    else:
+        kwargs.update(module=spec.module, module_args=spec.module_args or None, host_pattern=spec.pattern,
+                      limit=spec.limit)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        result = ansible_runner.run(**kwargs)
+    except Exception as exc:  # runner refuses bad input by raising; the job must still end
+        traceback.print_exc()
+        write_result(run_dir, "error", None, f"{type(exc).__name__}: {exc}")
+        return 1
+    if result.status in ("canceled", "timeout", "failed"):
+        stop_run_processes(run_dir)  # Ansible's forks outlive a killed ansible-playbook
+    write_result(run_dir, str(result.status), result.rc)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m carrier.ansible.worker RUN_DIR", file=sys.stderr)
+        return 2
+    return run(Path(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

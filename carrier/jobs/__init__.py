@@ -1,0 +1,1 @@
+"""Jobs: the one model every door uses for playbook, adhoc, exec and pty work (``Manager``)."""
