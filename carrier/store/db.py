@@ -280,10 +280,20 @@ def _prepare_dir(state_dir: Path) -> None:
 
 
 def _prepare_file(path: Path) -> None:
-    """Create ``carrier.db`` as 0600 before SQLite opens it (SQLite gives -wal/-shm the same mode)."""
+    """Create ``carrier.db`` as 0600 before SQLite opens it (SQLite gives -wal/-shm the same mode).
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, so another Store already open in this process would lose its
+    SQLite locks and a concurrent writer could corrupt the database. Only a missing file is
+    created (O_EXCL), and modes are fixed by path.
+    """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)  # nothing else can hold locks on a file that did not exist
         for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             with contextlib.suppress(FileNotFoundError):
                 if name.stat().st_mode & 0o077:

@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -589,3 +591,36 @@ def test_processes_opening_a_new_file_at_once(state_dir: Path) -> None:
     with Store.open(state_dir) as s:
         assert s.schema_version() == LATEST_VERSION
         assert len(s.list_jobs()) == 4
+
+
+def test_second_open_in_one_process_keeps_the_first_stores_locks(tmp_path: Path) -> None:
+    """Opening the same database again in this process must not drop the first Store's POSIX
+    locks (closing any fd of the file does that), or a writer in another process corrupts it."""
+    first = Store.open(tmp_path)
+    first.create_job("exec", "o", "cli", target="t")
+    Store.open(tmp_path).close()  # the second open in the same process
+    code = (
+        "import sys; from pathlib import Path; from carrier.store import Store\n"
+        "s = Store.open(Path(sys.argv[1]))\n"
+        "for _ in range(50): s.create_job('exec', 'o', 'cli', target='t')\n"
+        "s.close()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+    errors: list[str] = []
+
+    def write() -> None:
+        try:
+            for _ in range(20):
+                first.create_job("exec", "o", "cli", target="t")
+        except Exception as exc:  # collected: the assertion below shows them
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert len(first.list_jobs(limit=1000)) == 1 + 50 + 8 * 20
+    assert first.integrity_check() == "ok"
+    first.close()
