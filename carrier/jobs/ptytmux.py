@@ -1,0 +1,289 @@
+"""tmux-backed PTY jobs: the program runs in a pane of its host's Carrier tmux server
+(``carrier.jobs.tmuxctl``), so it survives a Carrier restart and is found again by job id
+(``PtyRunner.reattach``). Output arrives through the host's control connection; the screen comes
+from ``capture-pane``; keys go by tmux key names (tmux knows the pane's cursor-key mode).
+
+A watcher thread per job notices the end (the wrapper's end marker, a pane-died hint, or a poll
+each second), reads the status tmux recorded, keeps the last screen and removes the pane.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from carrier.ansible.inventory import HostConn
+from carrier.jobs import keys as keymod
+from carrier.jobs import tmuxctl
+from carrier.jobs.ptybase import ExitInfo, PtyError, PtyJob, PtySpec, signame, status_from_shell
+from carrier.jobs.ptylog import OutputLog
+from carrier.jobs.screen import ScreenView
+
+if TYPE_CHECKING:
+    from carrier.jobs.pty import PtyRunner
+
+log = logging.getLogger(__name__)
+
+#: Seconds a possible start of the end marker is held back before it counts as plain output.
+_HOLD_MAX = 0.1
+
+
+class TmuxPtyJob(PtyJob):
+    """A program in a pane of the host's Carrier tmux server (see ``carrier.jobs.tmuxctl``)."""
+
+    mode = "tmux"
+
+    def __init__(self, spec: PtySpec, output: OutputLog, runner: PtyRunner, host: HostConn,
+                 server: tmuxctl.TmuxServer, pane: tmuxctl.PaneInfo, *, observer: bool = False) -> None:
+        super().__init__(spec, output)
+        self.runner = runner
+        self.host = host
+        self.server = server
+        self.pane = pane.pane
+        self.window = pane.window
+        self.pane_pid = pane.pid
+        self.observer = observer
+        self._mark = tmuxctl.END_MARK + spec.job_id.encode() + b";"
+        self._hold = b""
+        self._hold_at = 0.0
+        self.marker_status: int | None = None
+        self._hint = threading.Event()
+        self._fast_until = 0.0
+        self._stop = threading.Event()
+        self._feed_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- PaneSink (reader thread)
+
+    def on_output(self, data: bytes) -> None:
+        with self._feed_lock:
+            buf = self._hold + data if self._hold else data
+            self._hold = b""
+            idx = buf.find(self._mark)
+            if idx >= 0:
+                end = buf.find(b"\x07", idx)
+                if end < 0 and len(buf) - idx < 64:
+                    self._emit(buf[:idx])
+                    self._hold = buf[idx:]
+                    return
+                self._emit(buf[:idx])
+                digits = buf[idx + len(self._mark):end] if end >= 0 else b""
+                self.marker_status = int(digits) if digits.isdigit() else -1
+                if not self.observer:
+                    with contextlib.suppress(tmuxctl.TmuxError):
+                        self.server.release(self.job_id)
+                self._fast_until = time.monotonic() + 5.0
+                self._hint.set()
+                if end >= 0:
+                    self._emit(buf[end + 1:])
+                return
+            # Hold back a tail that could be the start of the marker (the rest comes with the next
+            # read; if nothing comes soon, the watcher lets it go: it was not the marker).
+            start = buf.rfind(b"\x1b", max(0, len(buf) - len(self._mark)))
+            if start >= 0 and self._mark.startswith(buf[start:]):
+                self._emit(buf[:start])
+                self._hold = buf[start:]
+                self._hold_at = time.monotonic()
+                self._hint.set()
+            else:
+                self._emit(buf)
+
+    def _flush_stale_hold(self) -> None:
+        with self._feed_lock:
+            if self._hold and not self._hold.startswith(self._mark) \
+                    and time.monotonic() - self._hold_at > _HOLD_MAX:
+                held, self._hold = self._hold, b""
+                self._emit(held)
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.observer:
+            # The supervising process writes the log; we only see that it grew.
+            self.log.refresh()
+            self._last_output = time.monotonic()
+            with self._cond:
+                self._cond.notify_all()
+            return
+        self._feed(data)
+
+    def on_hint(self) -> None:
+        self._hint.set()
+
+    def on_link_lost(self) -> None:
+        self._hint.set()
+
+    # ----------------------------------------------------------------- supervision
+
+    def watch(self) -> TmuxPtyJob:
+        self._watcher = threading.Thread(target=self._watch_loop, name=f"carrier-pty-{self.job_id}",
+                                         daemon=True)
+        self._watcher.start()
+        return self
+
+    def _watch_loop(self) -> None:
+        dead_since: float | None = None
+        nudged = False
+        while not self._stop.is_set() and self.exit is None:
+            self._hint.wait(_HOLD_MAX if self._hold else 1.0)
+            self._hint.clear()
+            if self._stop.is_set():
+                return
+            if self._hold:
+                self._flush_stale_hold()
+            try:
+                if not self.server.alive:
+                    if self.runner.closed:
+                        return
+                    self._reconnect()
+                info = self.server.pane_info(self.pane)
+            except tmuxctl.TmuxError as exc:
+                if self._gone(exc):
+                    self._finish(ExitInfo("lost", None, None, "the job's tmux pane is gone "
+                                          "(its tmux server was stopped)"), None)
+                    self.server.unregister(self.pane)
+                    self.runner._release(self.host.name, self)
+                    return
+                time.sleep(0.5)
+                continue
+            except Exception:  # the host went away, the state dir vanished...: try again later
+                log.warning("pty watch error", exc_info=True, extra={"job": self.job_id})
+                time.sleep(1.0)
+                continue
+            self.pane_pid = info.pid
+            if not info.dead and info.ended is not None and self.marker_status is None:
+                # The command ended while no Carrier listened (the marker went by): let the
+                # wrapper go; its own end follows.
+                self.marker_status = info.ended
+                if not self.observer:
+                    with contextlib.suppress(tmuxctl.TmuxError):
+                        self.server.release(self.job_id)
+                self._fast_until = time.monotonic() + 5.0
+            if not info.dead:
+                if time.monotonic() < self._fast_until:
+                    time.sleep(0.03)  # an end is expected (marker seen, signal sent): look again soon
+                    self._hint.set()
+                continue
+            if info.status is None and info.signal is None:
+                now = time.monotonic()
+                if dead_since is None:
+                    dead_since = now
+                elif not nudged and now - dead_since > 0.1:
+                    nudged = True
+                    with contextlib.suppress(tmuxctl.TmuxError):
+                        self.server.nudge()
+                if now - dead_since < 3.0:
+                    self._hint.set()  # tmux learns the status a moment after the pane closes
+                    time.sleep(0.03)
+                    continue
+            self._conclude(info)
+            return
+
+    def _gone(self, exc: Exception) -> bool:
+        text = str(exc)
+        return "can't find pane" in text or "no pane" in text or "can't find" in text
+
+    def _reconnect(self) -> None:
+        self.server = self.runner._server(self.host)
+        self.server.register(self.pane, self.window, self)
+
+    def _conclude(self, info: tmuxctl.PaneInfo) -> None:
+        if info.signal is not None:
+            exit_info = ExitInfo("signal", None, info.signal, f"killed by signal {signame(info.signal)}")
+        elif info.status is not None:
+            exit_info = status_from_shell(info.status, via="exit")
+        elif self.marker_status is not None and self.marker_status >= 0:
+            exit_info = status_from_shell(self.marker_status, via="exit")
+        else:
+            exit_info = ExitInfo("unknown", None, None, "the program ended; tmux did not say how")
+        screen: ScreenView | None = None
+        with contextlib.suppress(tmuxctl.TmuxError):
+            screen = self._capture()
+        if self._hold:
+            with self._feed_lock:
+                held, self._hold = self._hold, b""
+            self._emit(held)
+        self.server.unregister(self.pane)
+        if not self.observer:
+            with contextlib.suppress(tmuxctl.TmuxError):
+                self.server.kill_pane(self.pane, self.job_id)
+        self._finish(exit_info, screen)
+        self.runner._release(self.host.name, self)
+
+    # ----------------------------------------------------------------- operations
+
+    def _capture(self) -> ScreenView:
+        info, rows = self.server.capture(self.pane)
+        facts = next((line for line in info if line.startswith("carrier:")), "")
+        parts = facts.split(":")
+        if len(parts) != 7:
+            raise tmuxctl.TmuxError(f"unexpected reply from tmux: {facts[:80]!r}")
+        cx, cy, width, height, alt, app = (int(p or 0) for p in parts[1:])
+        lines = tmuxctl.screen_rows(rows, height)
+        return ScreenView(rows=tuple(lines), cols=width, lines=height, cursor_x=cx, cursor_y=cy,
+                          alternate=bool(alt), app_cursor=bool(app), source="tmux")
+
+    def _screen(self) -> ScreenView:
+        try:
+            return self._capture()
+        except tmuxctl.TmuxError as exc:
+            if self.final_screen is not None:
+                return self.final_screen
+            raise PtyError(f"job {self.job_id}: cannot read the screen: {exc}") from exc
+
+    def _send(self, text: str, keys: list[keymod.Key]) -> None:
+        target = tmuxctl.quote(self.pane)
+        lines: list[str] = []
+        for run_ascii, run in _split_ascii(text):
+            if run_ascii:
+                data = run.encode("ascii")
+                for i in range(0, len(data), 256):
+                    hexes = " ".join(f"{b:02x}" for b in data[i:i + 256])
+                    lines.append(f"send-keys -t {target} -H {hexes}")
+            else:
+                lines.append(f"send-keys -t {target} -l {tmuxctl.quote(run)}")
+        if keys:
+            lines.append(f"send-keys -t {target} " + " ".join(tmuxctl.quote(k.tmux) for k in keys))
+        try:
+            self.server.commands(lines)
+        except tmuxctl.TmuxError as exc:
+            raise PtyError(f"job {self.job_id}: input not delivered: {exc}") from exc
+
+    def _resize(self, cols: int, rows: int) -> None:
+        try:
+            self.server.command(f"resize-window -t {tmuxctl.quote(self.pane)} -x {cols} -y {rows}")
+        except tmuxctl.TmuxError as exc:
+            raise PtyError(f"job {self.job_id}: resize failed: {exc}") from exc
+
+    def _kill(self, name: str, number: int) -> None:
+        try:
+            self.server.signal_pane(self.pane_pid, name)
+        except tmuxctl.TmuxError as exc:
+            raise PtyError(f"job {self.job_id}: cannot send {name}: {exc}") from exc
+        self._fast_until = time.monotonic() + 5.0
+        self._hint.set()
+
+    def detach(self) -> None:
+        """Stop watching; the program keeps running in tmux (``PtyRunner.reattach`` finds it)."""
+        self._stop.set()
+        self._hint.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(5.0)
+        self.server.unregister(self.pane)
+        self.log.close()
+        self.runner._release(self.host.name, self)
+
+
+def _split_ascii(text: str) -> list[tuple[bool, str]]:
+    """``text`` cut into runs of ASCII and of other characters."""
+    runs: list[tuple[bool, str]] = []
+    for ch in text:
+        is_ascii = ord(ch) < 128
+        if runs and runs[-1][0] == is_ascii:
+            runs[-1] = (is_ascii, runs[-1][1] + ch)
+        else:
+            runs.append((is_ascii, ch))
+    return runs
