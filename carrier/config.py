@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -103,6 +103,9 @@ class MailAccount:
     folders: Folders = field(default_factory=Folders)
     idle: bool = True
     check_interval: int = 60
+    #: Whether mail to this account is read as commands (the listener runs only where true).
+    #: Default: true for the first account only, so an account for the MCP mail tools runs nothing.
+    commands: bool = True
     #: ``EMAIL_PASS``, kept in memory only; wins over password_env / password_file.
     password_override: str | None = field(default=None, repr=False, compare=False)
     #: The environment ``password_env`` is looked up in (the one given to :func:`load_config`).
@@ -225,6 +228,14 @@ class MailSettings:
     #: Where ``mail_attachment_get(save_to=...)`` may write and ``mail_send`` attachments by path
     #: may be read from; ``None`` in the file means ``<state_dir>/downloads``.
     download_dir: Path | None = None
+    #: Command lines run per mail at most (a longer list runs nothing and is answered).
+    max_commands: int = 20
+    #: Seconds between progress mails of a long run started by mail (at most one per interval).
+    progress_interval: float = 300.0
+    #: Characters of job output in a reply body; a longer log goes along as an attachment.
+    body_limit: int = 20000
+    #: Command mails larger than this (bytes) are never fetched: recorded as dropped, no reply.
+    max_message_bytes: int = 10 * 1024 * 1024
 
 
 def _default_roles() -> Mapping[str, Role]:
@@ -725,6 +736,8 @@ _FOLDERS: Mapping[str, _F] = {name: _F(_str, default) for name, default in vars(
 
 def _check_password(values: dict[str, Any], at: _At) -> None:
     override = at.ctx.email_pass if at.path == "accounts[0]" else None
+    if values.get("commands", False) is None:
+        values["commands"] = at.path == "accounts[0]"
     values["password_override"] = override
     values["environ"] = at.ctx.env
     values["username"] = values.get("username") or values.get("address")
@@ -758,6 +771,7 @@ _ACCOUNT: Mapping[str, _F] = {
     "folders": _F(_section(Folders, _FOLDERS), Folders()),
     "idle": _F(_bool, True),
     "check_interval": _F(_positive, 60),
+    "commands": _F(_bool, None),  # None: true for the first account only (see _check_password)
 }
 
 
@@ -877,6 +891,13 @@ _LLM: Mapping[str, _F] = {
     "model": _F(_str),
 }
 
+_MAIL: Mapping[str, _F] = {
+    "download_dir": _F(_path),
+    "max_commands": _F(_int(1, 1000), 20),
+    "progress_interval": _F(_seconds, 300.0),
+    "body_limit": _F(_int(1000), 20000),
+    "max_message_bytes": _F(_int(1024), 10 * 1024 * 1024),
+}
 _TOP: Mapping[str, _F] = {
     "state_dir": _F(_path),
     "inventory": _F(_inventory, _REQUIRED, "set it to an Ansible inventory file or directory"),
@@ -894,7 +915,7 @@ _TOP: Mapping[str, _F] = {
     "auth": _F(_section(AuthSettings, _AUTH, check=_check_auth), AuthSettings()),
     "llm": _F(_section(LlmSettings, _LLM, _MSG_INLINE_LLM, _check_llm)),
     "logging": _F(_section(LoggingSettings, {"level": _F(_level, "INFO")}), LoggingSettings()),
-    "mail": _F(_section(MailSettings, {"download_dir": _F(_path)}), MailSettings()),
+    "mail": _F(_section(MailSettings, _MAIL), MailSettings()),
 }
 
 
@@ -929,7 +950,8 @@ def _build_config(root: Any, path: Path, ctx: _Ctx) -> Config:
     state_dir = values["state_dir"] or ctx.home / DEFAULT_STATE_DIR
     values["gnupg_home"] = values["gnupg_home"] or state_dir / "gnupg"
     values["llm"] = values["llm"] or LlmSettings(api_key_override=ctx.llm_key, environ=ctx.env)
-    values["mail"] = MailSettings(download_dir=values["mail"].download_dir or state_dir / "downloads")
+    mail = values["mail"]
+    values["mail"] = replace(mail, download_dir=mail.download_dir or state_dir / "downloads")
     return Config(**{**values, "state_dir": state_dir}, path=path)
 
 

@@ -1,5 +1,8 @@
-"""`carrier serve`: load the configuration, open the store, check each mail account, run until
-signalled. The email and MCP doors attach here as they land."""
+"""`carrier serve`: load the configuration, open the store, check each mail account, then run the
+job manager, the email door (one listener per account, the result notifier, the outbox sender)
+until SIGTERM/SIGINT. Shutdown is clean: listeners stop, queued replies already stored stay in the
+outbox for the next start, leases are released, detachable jobs keep running for the next start.
+The MCP HTTP door attaches here as it lands."""
 
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from carrier.config import Config, load_config, resolve_config_path
+from carrier.config import Config, MailAccount, load_config, resolve_config_path
 from carrier.errors import CarrierError
 from carrier.log import setup_logging
 from carrier.mail.connect import imap_connect, smtp_connect
 from carrier.store import Store
+from carrier.store import gateway as gateway_sql
 
 log = logging.getLogger("carrier.serve")
 
@@ -36,6 +41,12 @@ def check_accounts(config: Config) -> list[str]:
     return problems
 
 
+def command_accounts(config: Config) -> list[MailAccount]:
+    """The accounts whose mail is read as commands (``commands: true``; by default the first
+    one only): only these get a listener, the others serve the MCP mail tools."""
+    return [a for a in config.accounts if a.commands]
+
+
 def serve_forever(config_path: Path | None, *, stop: threading.Event | None = None) -> None:
     """Start Carrier and block until SIGTERM/SIGINT (or ``stop`` is set)."""
     config = load_config(resolve_config_path(config_path, os.environ), os.environ)
@@ -50,14 +61,85 @@ def serve_forever(config_path: Path | None, *, stop: threading.Event | None = No
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+    doors: _Doors | None = None
     try:
         log.info("store ready", extra={"path": str(store.path), "state_dir": str(config.state_dir)})
         problems = check_accounts(config)
+        doors = _Doors.start(config, store, stop)
         log.info("carrier ready", extra={
             "config": str(config.path), "accounts": [a.name for a in config.accounts],
             "inventory": str(config.inventory), "account_problems": len(problems),
         })
         stop.wait()
     finally:
+        if doors is not None:
+            doors.close()
         store.close()
         log.info("stopped")
+
+
+class _Doors:
+    """The running parts of the email door and the job manager, stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.listeners: list[Any] = []
+        self.inner_stop = threading.Event()
+        self.jobs: Any = None
+        self.door: Any = None
+        self.trust: Any = None
+        self.http: Any = None
+        self.store: Store | None = None
+        self._wake: tuple[threading.Event, ...] = ()
+
+    @classmethod
+    def start(cls, config: Config, store: Store, stop: threading.Event) -> _Doors:
+        from carrier.auth.service import Trust
+        from carrier.jobs.system import build_job_system
+        from carrier.mail.door import MailDoor, Notifier
+        from carrier.mail.gateway import Listener
+        from carrier.mail.nl import proposer_for
+        from carrier.mail.outbox import Outbox
+
+        self = cls()
+        self.store = store
+        self.trust = Trust(config, store)
+        self.jobs = build_job_system(config, store)
+        self.jobs.manager.start(adopt=True)
+        outbox = Outbox(config, store)
+        proposer = proposer_for(config, store)
+        self.door = MailDoor(config, store, self.trust, self.jobs, outbox, proposer=proposer)
+        notifier = Notifier(self.door)
+        for name, target in (("carrier-outbox", outbox.run), ("carrier-notifier", notifier.run)):
+            thread = threading.Thread(target=target, args=(self.inner_stop,), name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        for account in command_accounts(config):
+            self.listeners.append(Listener(self.door, account, self.inner_stop).start())
+        self._wake = (outbox.wake, notifier.wake)
+        if config.mcp.tls_cert is not None:
+            from carrier.mcp.http import start_http_door
+
+            # One job system and one trust layer for both doors: limits and audit are shared.
+            self.http = start_http_door(config, store=store, trust=self.trust, jobs=self.jobs)
+            log.info("mcp http door ready", extra={"url": f"https://{config.mcp.bind_host}:{config.mcp.port}/mcp"})
+        else:
+            log.warning("mcp http door off: no mcp.tls_cert configured (make one with `carrier cert`)")
+        return self
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+        self.inner_stop.set()
+        for event in self._wake:
+            event.set()
+        for listener in self.listeners:
+            listener.join(10)
+        for thread in self.threads:
+            thread.join(10)
+        if self.jobs is not None:
+            self.jobs.close()
+        if self.store is not None and self.door is not None:
+            gateway_sql.release_leases_of(self.store, self.door.owner)
+        if self.trust is not None and "keyring" in self.trust.__dict__:
+            self.trust.keyring.stop_agent()

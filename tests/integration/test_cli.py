@@ -6,9 +6,12 @@ import json
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -122,10 +125,20 @@ def test_serve_runs_against_the_sandbox(sandbox: Sandbox) -> None:
     proc = _serve(config)
     try:
         lines = _until_ready(proc)
+        # The MCP HTTP door is up with the sandbox certificate and refuses a call without a token.
+        context = ssl.create_default_context(cafile=str(sandbox.layout.tls_cert))
+        url = f"https://127.0.0.1:{18443 + sandbox.layout.ports.ssh - 2222}/mcp"
+        request = urllib.request.Request(url, data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, context=context, timeout=10)  # noqa: S310 (https, fixed URL)
+        assert refused.value.code == 401
+        assert refused.value.headers["WWW-Authenticate"].startswith("Bearer")
     finally:
         out, err = _stop(proc)
     messages = [line["msg"] for line in lines]
     assert "imap ok" in messages and "smtp ok" in messages
+    assert "mcp http door ready" in messages
     ready = lines[-1]
     assert ready["account_problems"] == 0 and ready["accounts"] == ["carrier"]
     assert out == ""  # stdout belongs to the MCP stdio transport

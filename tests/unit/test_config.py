@@ -160,6 +160,7 @@ def test_full_file_loads_with_typed_values(site: Path) -> None:
     assert first.smtp == SmtpSettings(host="smtp.example.test", port=10587, tls="starttls", auth=False)
     assert first.folders == Folders(sent="Sent Items", trash="Bin", junk="Spam")
     assert first.idle is False and first.check_interval == 30
+    assert first.commands is True and cfg.accounts[1].commands is False  # default: first account only
     assert first.password() == "s3cret-mail"
 
     assert second.password_env == "OPS_MAIL_PASSWORD" and second.password() == "ops-pw"
@@ -240,6 +241,44 @@ def test_mail_download_dir_is_resolved_against_the_config_directory(site: Path) 
     cfg = load_config(write(site / "carrier.yml", MINIMAL + "mail: {download_dir: dl}\n"), ENV)
     assert cfg.mail.download_dir == site / "dl"
     assert not (site / "dl").exists()  # created on first use by the mail tools, not by loading
+
+
+def test_mail_door_limits_default_and_can_be_set(site: Path) -> None:
+    mail = load_config(write(site / "carrier.yml", MINIMAL), ENV).mail
+    assert (mail.max_commands, mail.progress_interval, mail.body_limit) == (20, 300.0, 20000)
+    assert mail.max_message_bytes == 10 * 1024 * 1024
+    limits = "{max_commands: 5, progress_interval: 1.5, body_limit: 4000, max_message_bytes: 2048}"
+    text = MINIMAL + f"mail: {limits}\n"
+    mail = load_config(write(site / "carrier.yml", text), ENV).mail
+    assert (mail.max_commands, mail.progress_interval, mail.body_limit, mail.max_message_bytes) == (
+        5, 1.5, 4000, 2048,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "message"),
+    [
+        ("mail: {max_commands: 0}", "mail.max_commands", "1-1000"),
+        ("mail: {progress_interval: 0}", "mail.progress_interval", "seconds"),
+        ("mail: {body_limit: 10}", "mail.body_limit", ">= 1000"),
+        ("mail: {max_message_bytes: lots}", "mail.max_message_bytes", "whole number"),
+    ],
+)
+def test_wrong_mail_door_limits_name_the_key(site: Path, extra: str, where: str, message: str) -> None:
+    problem = only_problem(write(site / "carrier.yml", MINIMAL + extra + "\n"))
+    assert problem.startswith(where + " ") and message in problem, problem
+
+
+def test_account_commands_can_be_turned_on_or_off_explicitly(site: Path) -> None:
+    text = edit(FULL, "    check_interval: 30\n", "    check_interval: 30\n    commands: false\n")
+    ops = "    password_env: OPS_MAIL_PASSWORD\n"
+    text = edit(text, ops, ops + "    commands: yes\n")
+    write(site / "ca.pem", "cert\n", 0o644)
+    cfg = load_config(write(site / "carrier.yml", text), env(OPS_MAIL_PASSWORD="pw", LLM_KEY="k"))
+    assert [a.commands for a in cfg.accounts] == [False, True]
+    bad = edit(MINIMAL, "address: carrier@example.test", "address: carrier@example.test\n    commands: maybe")
+    problem = only_problem(write(site / "carrier.yml", bad))
+    assert problem.startswith("accounts[0].commands ") and "true or false" in problem, problem
 
 
 def test_mail_section_refuses_unknown_keys(site: Path) -> None:

@@ -1,0 +1,250 @@
+"""The email door's listener: new mail in the command folder goes to ``MailDoor.process``.
+
+Per account, one thread: connect, catch up on everything not yet handled, then wait for new mail
+with IMAP IDLE (``IdleWatcher``, renewed before the 29-minute limit) or, when the server lacks
+IDLE or ``idle: false``, poll every ``check_interval`` seconds. A dropped connection is retried
+with exponential backoff and jitter; every reconnect catches up first, so nothing is missed.
+
+A handled mail gets the keyword ``CarrierDone`` (and stays where it is); catch-up searches for
+mail without it. The store decides what was handled (``claim_message``), the keyword only saves
+work: a mail whose keyword was lost is recognised as done and just flagged again. Servers that
+take no keywords get ``\\Seen`` instead. Mail larger than ``mail.max_message_bytes`` is never fetched:
+it is recorded as dropped and flagged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import threading
+import time
+from typing import Any
+
+from imapclient import IMAPClient
+
+from carrier.config import MailAccount
+from carrier.errors import CarrierError
+from carrier.mail.connect import MailConnectError, imap_connect
+from carrier.mail.door import MailDoor
+from carrier.mail.imap import IdleWatcher, MailError, check_folder, select
+from carrier.mail.parse import parse_message_ids
+
+log = logging.getLogger(__name__)
+
+DONE_KEYWORD = b"CarrierDone"
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 300.0
+_ID_RE = re.compile(r"<[!-;=?-~]{1,200}>")
+
+
+def reconnect_delay(failures: int, rng: Any = random.random) -> float:
+    """Seconds to wait after ``failures`` failed connects in a row: doubling, capped, ±30 % jitter
+    (many Carrier processes dropped by one server restart must not come back in step)."""
+    delay = min(BACKOFF_MAX, BACKOFF_BASE * (2 ** max(0, failures - 1)))
+    return float(delay * (0.7 + 0.6 * rng()))
+
+
+def message_key(header_block: bytes, validity: int, uid: int) -> str:
+    """The store key of a mail: its Message-ID when it has a sane one, else UIDVALIDITY/UID."""
+    ids = parse_message_ids(_message_id_value(header_block))
+    if ids and _ID_RE.fullmatch(ids[0]):
+        return ids[0]
+    return f"uid:{validity}:{uid}"
+
+
+def _message_id_value(block: bytes) -> str:
+    for line in block.decode("latin-1").replace("\r\n", "\n").split("\n"):
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "message-id":
+            return value.strip()
+    return ""
+
+
+def handle_mail(door: MailDoor, account: MailAccount, key: str, raw: bytes) -> str:
+    """One fetched mail through the door, as the listener does it: a mail broken beyond parsing
+    (a MIME bomb too deep for the parser, undecodable headers) is recorded as dropped, never
+    retried and never answered, and the listener goes on with the next one."""
+    try:
+        return door.process(account, key, raw)
+    except (RecursionError, ValueError, UnicodeError, LookupError) as exc:
+        return door.drop(account, key, f"unreadable mail: {type(exc).__name__}")
+
+
+class Listener:
+    """Watches one account's command folder until ``stop`` is set."""
+
+    def __init__(
+        self,
+        door: MailDoor,
+        account: MailAccount,
+        stop: threading.Event,
+        *,
+        folder: str | None = None,
+        idle: bool | None = None,
+        interval: float | None = None,
+    ) -> None:
+        self.door = door
+        self.account = account
+        self.stop_event = stop
+        self.folder = check_folder(folder or account.folders.inbox)
+        self.idle = account.idle if idle is None else idle
+        self.interval = float(account.check_interval if interval is None else interval)
+        self._client: IMAPClient | None = None
+        self._watcher: IdleWatcher | None = None
+        self._use_keyword = True
+        #: Counters for logs and tests.
+        self.handled = 0
+        self.passes = 0
+        self.reconnects = 0
+        self.mode = "idle" if self.idle else "poll"
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> Listener:
+        self._thread = threading.Thread(
+            target=self.run, name=f"carrier-mail-{self.account.name}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def wake_up(self) -> None:
+        """Break a blocking IDLE wait (used at shutdown)."""
+        for client in (self._watcher.client if self._watcher else None, self._client):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.shutdown()
+
+    def join(self, timeout: float = 10.0) -> None:
+        self.wake_up()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                self._session()
+                failures = 0
+            except (CarrierError, IMAPClient.Error, OSError, EOFError) as exc:
+                if self.stop_event.is_set():
+                    break
+                failures += 1
+                self.reconnects += 1
+                delay = reconnect_delay(failures)
+                log.warning(
+                    "mail listener lost its connection; reconnecting",
+                    extra={
+                        "account": self.account.name,
+                        "error": str(exc)[:300],
+                        "retry_in": round(delay, 2),
+                    },
+                )
+                self.stop_event.wait(delay)
+            except Exception:  # never let one bad mail or bug end the listener
+                log.exception("mail listener error", extra={"account": self.account.name})
+                failures += 1
+                self.stop_event.wait(reconnect_delay(failures))
+            finally:
+                self._close()
+        log.info("mail listener stopped", extra={"account": self.account.name})
+
+    def _close(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        client, self._client = self._client, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                watcher.close()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.logout()
+
+    def _session(self) -> None:
+        self._client = imap_connect(self.account)
+        if self.idle:
+            try:
+                self._watcher = IdleWatcher(self.account, self.folder)
+                self.mode = "idle"
+            except MailError as exc:
+                if isinstance(exc, MailConnectError):
+                    raise
+                log.info("no IMAP IDLE: polling", extra={"account": self.account.name, "error": str(exc)})
+                self.mode = "poll"
+        log.info(
+            "mail listener connected",
+            extra={"account": self.account.name, "folder": self.folder, "mode": self.mode},
+        )
+        while not self.stop_event.is_set():
+            self.catch_up()
+            if self._watcher is not None:
+                # A change wakes us; the timeout only bounds how long a missed notice could wait.
+                self._watcher.wait(self.interval)
+            else:
+                self.stop_event.wait(self.interval)
+
+    # ----------------------------------------------------------------- catch-up
+
+    def catch_up(self) -> int:
+        """Handle every mail in the folder not yet marked done; return how many were handled."""
+        client = self._client
+        assert client is not None
+        info = select(client, self.folder, readonly=False)
+        validity = int(info.get(b"UIDVALIDITY", 0) or 0)
+        permanent = [bytes(f) for f in info.get(b"PERMANENTFLAGS", ())]
+        self._use_keyword = b"\\*" in permanent
+        criteria: list[Any] = (
+            ["UNKEYWORD", DONE_KEYWORD.decode(), "NOT", "DELETED"]
+            if self._use_keyword
+            else ["UNSEEN", "NOT", "DELETED"]
+        )
+        uids = sorted(client.search(criteria))
+        self.passes += 1
+        count = 0
+        for uid in uids:
+            if self.stop_event.is_set():
+                break
+            self._handle(client, validity, uid)
+            count += 1
+        self.handled += count
+        return count
+
+    def _mark_done(self, client: IMAPClient, uid: int) -> None:
+        flag = DONE_KEYWORD if self._use_keyword else b"\\Seen"
+        client.add_flags([uid], [flag], silent=True)
+
+    def _handle(self, client: IMAPClient, validity: int, uid: int) -> None:
+        data = client.fetch([uid], ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).get(uid)
+        if not data:
+            return  # expunged meanwhile
+        size = int(data.get(b"RFC822.SIZE", 0) or 0)
+        key = message_key(bytes(data.get(b"BODY[HEADER.FIELDS (MESSAGE-ID)]", b"") or b""), validity, uid)
+        store = self.door.store
+        record = store.get_message(self.account.name, key)
+        if record is not None and record.state in ("done", "failed"):
+            self._mark_done(client, uid)
+            return
+        limit = self.door.config.mail.max_message_bytes
+        if size > limit:
+            self.door.drop(self.account, key, f"too large ({size} bytes > {limit})")
+            self._mark_done(client, uid)
+            return
+        body = client.fetch([uid], ["BODY.PEEK[]"]).get(uid)
+        if not body:
+            return
+        raw = bytes(body.get(b"BODY[]", b"") or b"")
+        started = time.monotonic()
+        outcome = handle_mail(self.door, self.account, key, raw)
+        log.info(
+            "mail handled",
+            extra={
+                "account": self.account.name,
+                "key": key,
+                "uid": uid,
+                "outcome": outcome,
+                "ms": round((time.monotonic() - started) * 1000),
+            },
+        )
+        if outcome != "busy":
+            self._mark_done(client, uid)

@@ -1,0 +1,150 @@
+"""The listener's pure parts and the outbox's retry logic over a real store (carrier.mail.*)."""
+
+from __future__ import annotations
+
+import email
+from collections.abc import Sequence
+from email.policy import compat32
+from pathlib import Path
+
+import pytest
+
+from carrier.config import load_config
+from carrier.mail.door import robot_reason
+from carrier.mail.gateway import message_key, reconnect_delay
+from carrier.mail.outbox import Outbox, PermanentFailure, backoff
+from carrier.mail.parse import parse_headers
+from carrier.store import Store
+
+
+def test_message_key_prefers_a_sane_message_id() -> None:
+    assert message_key(b"Message-ID: <abc@example.test>\r\n\r\n", 7, 42) == "<abc@example.test>"
+    assert message_key(b"\r\n", 7, 42) == "uid:7:42"
+    assert message_key(b"Message-ID: <a b@x>\r\n", 7, 42) == "uid:7:42"
+
+
+def test_reconnect_delay_doubles_with_jitter_and_a_cap() -> None:
+    assert reconnect_delay(1, rng=lambda: 0.5) == pytest.approx(1.0)
+    assert reconnect_delay(4, rng=lambda: 0.5) == pytest.approx(8.0)
+    assert reconnect_delay(40, rng=lambda: 1.0) == pytest.approx(300 * 1.3)
+    assert reconnect_delay(3, rng=lambda: 0.0) == pytest.approx(4 * 0.7)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ("Auto-Submitted: auto-replied", "auto-submitted"),
+        ("Precedence: bulk", "precedence"),
+        ("Precedence: junk", "precedence"),
+        ("Precedence: list", "precedence"),
+        ("Return-Path: <>", "null sender"),
+        ("List-Id: <ops.example.test>", "list"),
+        ("X-Autoreply: yes", "auto-reply"),
+    ],
+)
+def test_robots_are_never_answered(extra: str, reason: str) -> None:
+    raw = f"From: ops@example.test\r\n{extra}\r\nSubject: x\r\n\r\n".encode()
+    head = email.message_from_bytes(raw, policy=compat32)
+    assert robot_reason(parse_headers(raw), head, ["carrier@example.test"]) == reason
+
+
+def test_people_and_own_mail() -> None:
+    for sender, expected in (
+        ("ops@example.test", None),
+        ("carrier@example.test", "own mail"),
+        ("MAILER-DAEMON@example.test", "robot sender"),
+    ):
+        raw = f"From: {sender}\r\nAuto-Submitted: no\r\nSubject: x\r\n\r\n".encode()
+        head = email.message_from_bytes(raw, policy=compat32)
+        assert robot_reason(parse_headers(raw), head, ["carrier@example.test"]) == expected
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    assert backoff(1, rng=lambda: 0.5) == pytest.approx(5.0)
+    assert backoff(3, rng=lambda: 0.5) == pytest.approx(20.0)
+    assert backoff(50, rng=lambda: 0.5) == pytest.approx(3600.0)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    (tmp_path / "inv.yml").write_text("all:\n  hosts:\n    web1: {}\n")
+    (tmp_path / "pass").write_text("x\n")
+    (tmp_path / "pass").chmod(0o600)
+    path = tmp_path / "carrier.yml"
+    path.write_text(
+        f"state_dir: {tmp_path / 'state'}\ninventory: {tmp_path / 'inv.yml'}\naccounts:\n"
+        f"  - name: carrier\n    address: carrier@example.test\n    username: carrier@example.test\n"
+        f"    password_file: {tmp_path / 'pass'}\n    imap: {{host: 127.0.0.1, port: 1}}\n"
+        f"    smtp: {{host: 127.0.0.1, port: 1}}\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+def test_outbox_retries_until_sent_and_never_twice(config: Path, tmp_path: Path) -> None:
+    now = [1000.0]
+    cfg = load_config(config, {})
+    store = Store.open(tmp_path / "state", clock=lambda: now[0])
+    sent: list[bytes] = []
+    failures = [2]
+
+    def send(account: object, raw: bytes, rcpts: Sequence[str]) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError("connection refused")
+        sent.append(raw)
+
+    box = Outbox(cfg, store, send=send, base=10.0)
+    first = box.queue("carrier", "<r1@example.test>", ["ops@example.test"], b"raw reply")
+    assert box.queue("carrier", "<r1@example.test>", ["ops@example.test"], b"raw reply") == first
+    assert box.deliver_due() == 0  # attempt 1 fails
+    record = store.outbox_get(first)
+    assert record is not None and record.state == "pending" and record.attempts == 1
+    assert record.next_attempt_at > now[0] and "refused" in (record.last_error or "")
+    assert box.deliver_due() == 0  # not due yet: nothing tried
+    now[0] += 15
+    assert box.deliver_due() == 0  # attempt 2 fails
+    now[0] += 40
+    assert box.deliver_due() == 1
+    assert box.deliver_due() == 0
+    assert sent == [b"raw reply"]
+    record = store.outbox_get(first)
+    assert record is not None and record.state == "sent" and record.attempts == 3
+    store.close()
+
+
+def test_outbox_permanent_refusal_is_kept_as_failed(config: Path, tmp_path: Path) -> None:
+    cfg = load_config(config, {})
+    store = Store.open(tmp_path / "state")
+
+    def send(account: object, raw: bytes, rcpts: Sequence[str]) -> None:
+        raise PermanentFailure("550 no such user")
+
+    box = Outbox(cfg, store, send=send)
+    oid = box.queue("carrier", "<r2@example.test>", ["nobody@example.test"], b"x")
+    assert box.deliver_due() == 0
+    record = store.outbox_get(oid)
+    assert record is not None and record.state == "failed" and "550" in (record.last_error or "")
+    store.close()
+
+
+def test_listeners_run_only_for_command_accounts(tmp_path: Path) -> None:
+    from carrier.serve import command_accounts
+
+    (tmp_path / "inventory").write_text("all: {}\n")
+    account = (
+        "  - name: {n}\n    address: {n}@example.test\n    password_env: PW\n"
+        "    imap: {{host: 127.0.0.1, tls: none}}\n    smtp: {{host: 127.0.0.1, tls: none}}\n"
+    )
+    text = "inventory: inventory\naccounts:\n" + "".join(
+        account.format(n=n) for n in ("cmd", "tools", "more")
+    )
+    path = tmp_path / "carrier.yml"
+    path.write_text(text)
+    path.chmod(0o600)
+    config = load_config(path, {"HOME": str(tmp_path), "PW": "secret"})
+    assert [a.name for a in command_accounts(config)] == ["cmd"]
+    turned_on = text.replace("name: more\n", "name: more\n    commands: true\n")
+    path.write_text(turned_on)
+    config = load_config(path, {"HOME": str(tmp_path), "PW": "secret"})
+    assert [a.name for a in command_accounts(config)] == ["cmd", "more"]
