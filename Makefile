@@ -5,9 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SANDBOX_DIR ?= /var/tmp/carrier-sandbox
 # Servers the sandbox runs and tools the tests drive (real Dovecot, sshd, gpg, swaks, tmux).
-# sudo, python3-apt and systemd (systemd-analyze only; it need not run) serve the Molecule tests.
+# sudo, python3-apt and systemd (systemd-analyze only; it need not run) serve the Molecule tests;
+# node/npx (Debian's nodejs + npm when missing) runs the MCP Inspector interoperability test;
+# dialog, vim-tiny and procps (top) are the programs the PTY tests drive on the sandbox hosts.
 DEB_PACKAGES := dovecot-imapd dovecot-lmtpd openssh-server openssh-client gnupg swaks tmux ca-certificates \
-	sudo python3-apt systemd
+	sudo python3-apt systemd dialog vim-tiny procps
 
 .PHONY: help deps venv run test lint unit integration bench sandbox-down clean
 
@@ -22,6 +24,7 @@ deps:
 	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v npx >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "carrier: run as root to install:$$missing" >&2; exit 1; fi; \
 	  echo "installing Debian packages:$$missing"; \

@@ -118,11 +118,15 @@ def sandbox_env(root: Path | None) -> None:
 def _register() -> None:
     """Attach the command groups each layer defines next to its own code."""
     from carrier.auth.cli import audit, enroll, token
+    from carrier.jobs import ptycli
     from carrier.jobs.cli import COMMANDS as JOB_COMMANDS
-    from carrier.mcp.cli import mcp
+    from carrier.jobs.cli import job_group
+    from carrier.mcp.cli import cert, mcp, remote
 
-    for command in (*JOB_COMMANDS, enroll, token, audit, mcp):
+    for command in (*JOB_COMMANDS, enroll, token, audit, mcp, cert, remote):
         main.add_command(command)
+    for command in ptycli.COMMANDS:
+        job_group.add_command(command)
 
 
 _register()

@@ -12,7 +12,11 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from mcp.server.auth.provider import TokenVerifier
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import ServerMiddleware
 from mcp.server.mcpserver import MCPServer
 
 from carrier import __version__
@@ -22,7 +26,7 @@ from carrier.mail.service import MailService
 log = logging.getLogger(__name__)
 
 #: Tool modules loaded by default, each with ``register(server: MCPServer, context: ServerContext)``.
-TOOL_MODULES: tuple[str, ...] = ("carrier.mcp.tools_mail",)
+TOOL_MODULES: tuple[str, ...] = ("carrier.mcp.tools_mail", "carrier.mcp.tools_ops")
 
 INSTRUCTIONS = """\
 Carrier gives you mail tools (mail_*) for the mail accounts configured in carrier.yml (the first \
@@ -81,8 +85,15 @@ def build_server(
     *,
     modules: Sequence[str] = TOOL_MODULES,
     context: ServerContext | None = None,
+    auth: AuthSettings | None = None,
+    token_verifier: TokenVerifier | None = None,
+    middleware: Sequence[ServerMiddleware[Any]] = (),
 ) -> tuple[MCPServer, ServerContext]:
-    """An MCPServer with the tools of ``modules`` registered, and the context they share."""
+    """An MCPServer with the tools of ``modules`` registered, and the context they share.
+
+    ``auth``, ``token_verifier`` and ``middleware`` are for the HTTP door (carrier.mcp.http);
+    stdio has no token.
+    """
     context = context or ServerContext(config)
     server = MCPServer(
         "carrier",
@@ -90,6 +101,9 @@ def build_server(
         instructions=INSTRUCTIONS,
         version=__version__,
         log_level="WARNING",  # per-request INFO lines from the SDK would drown Carrier's own
+        auth=auth,
+        token_verifier=token_verifier,
+        middleware=list(middleware),
     )
     for name in modules:
         module = importlib.import_module(name)

@@ -1,0 +1,332 @@
+"""The MCP door over streamable HTTP: the SDK's app behind Carrier's guard, served by uvicorn with TLS.
+
+Every HTTP request goes through :class:`GuardMiddleware` first, which asks the trust layer's
+``HttpGuard`` (network gate → per-address rate limit → token → per-token/identity rate limits):
+
+- an address the gate refuses gets 403 and a rate-limited one 429 (``Retry-After``), before any
+  token is looked at and before any tool runs;
+- a missing, unknown, expired or revoked token goes on to the SDK's bearer-auth layer, whose
+  ``token_verifier`` (:class:`GuardVerifier`) only accepts a token the guard admitted in this very
+  request: the client gets the SDK's 401 with ``WWW-Authenticate``;
+- an admitted request carries its :class:`~carrier.auth.policy.Identity` in the ASGI scope, where
+  the tools read it (``carrier.mcp.tools_ops.caller``), so jobs and audit rows name the caller.
+
+Plain HTTP is refused unless asked for explicitly, and then only on a loopback address.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import uvicorn
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp_types import CallToolResult, TextContent
+from pydantic import AnyHttpUrl
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from carrier.auth.errors import AuthError, RateLimited, TokenError
+from carrier.auth.netgate import HttpGuard, bearer_token
+from carrier.auth.policy import Decision, Identity
+from carrier.auth.policy import Request as PolicyRequest
+from carrier.auth.service import Trust
+from carrier.config import Config
+from carrier.errors import CarrierError
+from carrier.jobs.system import JobSystem
+from carrier.mcp.server import ServerContext, build_server
+from carrier.mcp.tools_ops import IDENTITY_SCOPE_KEY, Services, attach_services
+from carrier.store import Store
+
+log = logging.getLogger(__name__)
+
+MCP_PATH = "/mcp"
+#: The identity the guard admitted for the request being handled (read by the token verifier).
+_admitted: contextvars.ContextVar[tuple[str, Identity] | None] = contextvars.ContextVar(
+    "carrier_admitted", default=None
+)
+
+
+class HttpDoorError(CarrierError):
+    """The HTTP door cannot start as configured."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GuardVerifier:
+    """The SDK's token verifier: accepts exactly the token the guard admitted for this request."""
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        admitted = _admitted.get()
+        if admitted is None or admitted[0] != token:
+            return None
+        identity = admitted[1]
+        return AccessToken(
+            token=token,
+            client_id=identity.name,
+            scopes=list(identity.scopes or ()),
+            claims={"role": identity.role, "token_id": identity.token_id},
+        )
+
+
+async def _plain(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Gate, rate limits and token check before the SDK app sees a request (see the module doc)."""
+
+    def __init__(self, app: ASGIApp, trust: Trust) -> None:
+        self.app = app
+        self.trust = trust
+        self.guard: HttpGuard = trust.http_guard
+
+    def _admit(self, peer: str, authorization: str | None) -> Identity:
+        try:
+            return self.guard.admit(peer, authorization)
+        except TokenError as exc:
+            # The client gets one answer for every token failure; the reason is kept here. Only
+            # token failures are audited: they come after the address rate limit, so a flood
+            # cannot grow the audit trail without bound (refused addresses are only logged).
+            self.trust.audit.record(
+                "anonymous",
+                "mcp",
+                "http:admit",
+                target=peer,
+                outcome=exc.reason,
+                detail={"message": str(exc)},
+            )
+            raise
+        except AuthError as exc:
+            log.warning("mcp http request refused", extra={"peer": peer, "reason": exc.reason})
+            raise
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        authorization = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+        try:
+            identity = await anyio.to_thread.run_sync(self._admit, peer, authorization)
+        except RateLimited as exc:
+            await _plain(
+                send,
+                429,
+                "too many requests: slow down",
+                [(b"retry-after", str(max(1, int(exc.retry_after + 0.999))).encode())],
+            )
+            return
+        except TokenError:
+            # The SDK answers 401 with WWW-Authenticate (the verifier admits nothing here).
+            await self.app(scope, receive, send)
+            return
+        except AuthError as exc:
+            status = 403 if exc.reason == "ip_denied" else 401
+            await _plain(send, status, "forbidden" if status == 403 else "unauthorized")
+            return
+        scope[IDENTITY_SCOPE_KEY] = identity
+        reset = _admitted.set((bearer_token(authorization) or "", identity))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _admitted.reset(reset)
+
+
+class MailPolicy:
+    """Server middleware: an HTTP caller's ``mail_*`` tool calls go through the policy too (the role's
+    ``mail`` globs and the token's ``tools:`` scope); a denial is a tool error and nothing runs."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        params = ctx.params or {}
+        name = params.get("name") if ctx.method == "tools/call" else None
+        if not (isinstance(name, str) and name.startswith("mail_")):
+            return await call_next(ctx)
+        scope = getattr(ctx.request, "scope", None)
+        identity = scope.get(IDENTITY_SCOPE_KEY) if isinstance(scope, dict) else None
+        if not isinstance(identity, Identity):
+            return _tool_error("not authenticated: this request carries no Carrier identity")
+        request = PolicyRequest("mail", tool=name)
+        trust = self.services.trust
+
+        def decide() -> Decision:
+            decision = trust.policy.decide(identity, request)
+            trust.audit.decision(identity, request, decision)
+            return decision
+
+        decision = await anyio.to_thread.run_sync(decide)
+        if not decision.allowed:
+            return _tool_error(f"denied: {decision.reason}")
+        return await call_next(ctx)
+
+
+def _tool_error(text: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+
+
+def base_url(config: Config, *, plain: bool = False) -> str:
+    host = config.mcp.bind_host
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'http' if plain else 'https'}://{shown}:{config.mcp.port}"
+
+
+def build_http_app(
+    config: Config, services: Services, *, context: ServerContext | None = None, plain: bool = False
+) -> tuple[ASGIApp, ServerContext]:
+    """The guarded streamable HTTP app and the server context behind it."""
+    context = context or ServerContext(config)
+    attach_services(context, services)
+    url = base_url(config, plain=plain)
+    auth = AuthSettings(
+        issuer_url=AnyHttpUrl(url),
+        resource_server_url=AnyHttpUrl(f"{url}{MCP_PATH}"),
+        validate_token_resource=False,  # Carrier's tokens are its own: the guard checks them
+    )
+    server, context = build_server(
+        config, context=context, auth=auth, token_verifier=GuardVerifier(), middleware=[MailPolicy(services)]
+    )
+    app = server.streamable_http_app(streamable_http_path=MCP_PATH, host=config.mcp.bind_host)
+    return GuardMiddleware(app, services.trust), context
+
+
+@dataclass
+class HttpDoor:
+    """A running HTTP door; ``stop()`` ends it (and what it built itself)."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    context: ServerContext
+    url: str
+    #: The store, trust and jobs the door uses (``services.trust.tokens`` issues tokens in-process).
+    services: Services
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.context.close()
+        self.services.close()  # closes only the parts it built itself
+
+
+def _check_listen(config: Config, plain: bool) -> None:
+    mcp = config.mcp
+    if plain:
+        if not is_loopback(mcp.bind_host):
+            raise HttpDoorError(
+                f"plain HTTP is only allowed on a loopback address, not {mcp.bind_host}: "
+                "set mcp.tls_cert and mcp.tls_key (`carrier cert` makes them)"
+            )
+        return
+    if mcp.tls_cert is None or mcp.tls_key is None:
+        raise HttpDoorError(
+            "the MCP HTTP door needs TLS: set mcp.tls_cert and mcp.tls_key "
+            "(`carrier cert` makes a self-signed pair)"
+        )
+    for path in (mcp.tls_cert, mcp.tls_key):
+        if not path.is_file():
+            raise HttpDoorError(f"{path} does not exist: run `carrier cert` or fix mcp.tls_cert/tls_key")
+
+
+def start_http_door(
+    config: Config,
+    context: ServerContext | None = None,
+    *,
+    store: Store | None = None,
+    trust: Trust | None = None,
+    jobs: JobSystem | None = None,
+    plain: bool = False,
+    ready_timeout: float = 20.0,
+) -> HttpDoor:
+    """Serve MCP over HTTPS on ``mcp.bind_host:mcp.port`` in a background thread until ``stop()``.
+
+    ``carrier serve`` passes its store, trust and job system so one manager runs all jobs;
+    otherwise they are built here (and closed by ``stop``).
+    """
+    _check_listen(config, plain)
+    services = Services(config, store=store, trust=trust, jobs=jobs)
+    app, context = build_http_app(config, services, context=context, plain=plain)
+    ssl: dict[str, Any] = (
+        {} if plain else {"ssl_certfile": str(config.mcp.tls_cert), "ssl_keyfile": str(config.mcp.tls_key)}
+    )
+    uv_config = uvicorn.Config(
+        app,
+        host=config.mcp.bind_host,
+        port=config.mcp.port,
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        server_header=False,
+        **ssl,
+    )
+    server = uvicorn.Server(uv_config)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # reported to the caller below
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="carrier-mcp-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + ready_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            context.close()
+            services.close()
+            why = f": {failed[0]}" if failed else " (is the port in use? see the log)"
+            raise HttpDoorError(
+                f"the MCP HTTP door did not start on {config.mcp.bind_host}:{config.mcp.port}{why}"
+            )
+        time.sleep(0.02)
+    url = f"{base_url(config, plain=plain)}{MCP_PATH}"
+    log.info("mcp http door listening", extra={"url": url, "tls": not plain})
+    return HttpDoor(server, thread, context, url, services)
+
+
+def serve_http(config: Config, *, plain: bool = False) -> None:
+    """``carrier mcp --http``: serve until interrupted."""
+    door = start_http_door(config, plain=plain)
+    try:
+        while door.thread.is_alive():
+            door.thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        door.stop()
