@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import click
 
@@ -12,7 +14,49 @@ from carrier import __version__
 from carrier.clikit import config_option, fail, friendly
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Subcommands defined next to each layer's code, imported only when used, so `carrier
+    --version`, `check` and `sandbox` do not pay for importing Ansible, mcp and gnupg."""
+
+    #: command name -> "module:attribute" of the click command
+    lazy: ClassVar[dict[str, str]] = {
+        "run": "carrier.jobs.cli:run_command",
+        "exec": "carrier.jobs.cli:exec_command",
+        "jobs": "carrier.jobs.cli:jobs_command",
+        "job": "carrier.cli:_job_group",
+        "hosts": "carrier.jobs.cli:hosts_command",
+        "playbooks": "carrier.jobs.cli:playbooks_command",
+        "enroll": "carrier.auth.cli:enroll",
+        "token": "carrier.auth.cli:token",
+        "audit": "carrier.auth.cli:audit",
+        "mcp": "carrier.mcp.cli:mcp",
+        "cert": "carrier.mcp.cli:cert",
+        "remote": "carrier.mcp.cli:remote",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module_name, _, attribute = self.lazy[cmd_name].partition(":")
+            loaded = getattr(importlib.import_module(module_name), attribute)
+            command = loaded() if attribute.startswith("_") else loaded
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+def _job_group() -> click.Group:
+    """`carrier job`: show/output/kill from the job layer plus the PTY commands."""
+    from carrier.jobs import ptycli
+    from carrier.jobs.cli import job_group
+
+    for command in ptycli.COMMANDS:
+        job_group.add_command(command)
+    return job_group
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="carrier")
 def main() -> None:
     """Carrier: drive the hosts in your Ansible inventory from signed email, MCP agents and CI."""
@@ -114,19 +158,3 @@ def sandbox_env(root: Path | None) -> None:
     for line in Sandbox(root or default_root()).env_lines():
         click.echo(line)
 
-
-def _register() -> None:
-    """Attach the command groups each layer defines next to its own code."""
-    from carrier.auth.cli import audit, enroll, token
-    from carrier.jobs import ptycli
-    from carrier.jobs.cli import COMMANDS as JOB_COMMANDS
-    from carrier.jobs.cli import job_group
-    from carrier.mcp.cli import cert, mcp, remote
-
-    for command in (*JOB_COMMANDS, enroll, token, audit, mcp, cert, remote):
-        main.add_command(command)
-    for command in ptycli.COMMANDS:
-        job_group.add_command(command)
-
-
-_register()

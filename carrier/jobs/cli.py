@@ -230,7 +230,7 @@ def jobs_command(config_path: Path | None, owner: str | None, status: str | None
 
 @click.group("job")
 def job_group() -> None:
-    """One job: show, output, kill."""
+    """One job: show, output, kill; terminal (PTY) jobs: start, input, screen, attach."""
 
 
 @job_group.command("show")

@@ -47,10 +47,13 @@ TOOLS = {
 
 
 def carrier_mcp_command(config: Path) -> StdioServerParameters:
-    """`python -m carrier mcp` once the command is registered on the main CLI, else the module itself."""
+    """`python -m carrier mcp`, exactly as an MCP client's configuration starts it."""
+    import click
+
     from carrier.cli import main
 
-    args = ["-m", "carrier", "mcp"] if "mcp" in main.commands else ["-m", "carrier.mcp.cli"]
+    assert "mcp" in main.list_commands(click.Context(main))
+    args = ["-m", "carrier", "mcp"]
     return StdioServerParameters(
         command=sys.executable,
         args=[*args, "--config", str(config)],
