@@ -18,6 +18,7 @@ an answer only to ``enroll``/``confirm``; the subject is never read for commands
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import Any
 from carrier.auth.enrollment import Outcome as EnrollOutcome
 from carrier.auth.errors import AuthError, RateLimited, VerificationError
 from carrier.auth.mailauth import sender_of
+from carrier.auth.pgp import parse_clearsigned
 from carrier.auth.policy import HostRef, Identity, Request
 from carrier.auth.ratelimit import identity_key
 from carrier.auth.service import Trust
@@ -336,7 +338,12 @@ class MailDoor:
         received_at: float,
     ) -> str:
         parsed = parse_message(raw)
-        verb = first_verb(parsed.best_text())
+        text = parsed.best_text()
+        with contextlib.suppress(VerificationError):
+            # A clear-signed reply is routed by its signed text (the armor line comes first);
+            # respond() still verifies the signature.
+            text = b"\n".join(parse_clearsigned(text.encode()).lines).decode(errors="replace")
+        verb = first_verb(text)
         outcome: EnrollOutcome
         if verb == "enroll":
             keys = [

@@ -18,6 +18,7 @@ from carrier.ansible.inventory import Inventory
 from carrier.ansible.ssh import SshControl
 from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
 from carrier.jobs.manager import Manager
+from carrier.jobs.ptyengine import PtyEngine
 from carrier.jobs.system import JobSystem
 from carrier.sandbox.manager import Sandbox
 from carrier.store import Store
@@ -129,9 +130,10 @@ def build(state: Path, inventory: Path, playbook_dirs: list[Path], **limits: int
     inv = Inventory(inventory)
     ssh = SshControl(state)
     catalog = Catalog(playbook_dirs)
+    pty = PtyEngine(inv, ssh)
     manager = Manager(store, state, engines=[PlaybookEngine(inv, ssh, catalog), AdhocEngine(inv, ssh),
-                                             ExecEngine(inv, ssh)], poll=0.05, **limits)
-    return JobSystem(manager=manager, inventory=inv, catalog=catalog, ssh=ssh)
+                                             ExecEngine(inv, ssh), pty], poll=0.05, **limits)
+    return JobSystem(manager=manager, inventory=inv, catalog=catalog, ssh=ssh, pty=pty)
 
 
 @contextmanager
