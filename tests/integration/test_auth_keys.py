@@ -4,6 +4,7 @@ keyserver; what is accepted, what is refused, and what ends up in Carrier's keyr
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -206,6 +207,12 @@ def test_garbage_key_data(world: World) -> None:
 def test_ensure_takes_only_the_configured_fingerprint(world: World, sandbox: Sandbox, kf: KeyFactory,
                                                       web: FakeWeb) -> None:
     ops = sandbox.gpg().fingerprint("ops")
+    if world.trust.keyring.key(ops) is not None:
+        # An earlier `carrier serve` test may have imported it into the shared home this copies;
+        # this test needs a keyring that has to look the key up.
+        subprocess.run(["gpg", "--homedir", str(world.config.gnupg_home), "--batch", "--yes",
+                        "--delete-keys", ops], check=True, capture_output=True)
+    assert world.trust.keyring.key(ops) is None
     impostor = kf.make("ops@example.test")
     web.routes["/vks/v1/by-email/ops%40example.test"] = (200, impostor.public_key())
     refused(lambda: finder(world, keyserver=web.url).ensure("ops@example.test", ops), "not_found")
