@@ -53,20 +53,19 @@ def read_password(layout: Layout, identity: str) -> str:
     return lines[0]
 
 
-class Dovecot:
+class Dovecot(procs.PidFileService):
     """The sandbox IMAP/LMTP server, run in the foreground (``-F``) so its pid is ours to stop."""
 
     name = "dovecot"
+    stop_timeout = 10.0  # the master stops its children first
 
     def __init__(self, layout: Layout) -> None:
-        self.layout = layout
+        super().__init__(layout)
         self.dir = layout.dovecot_dir
         self.config = self.dir / "dovecot.conf"
         self.passwd_file = self.dir / "passwd"
         self.base_dir = self.dir / "run"
         self.state_dir = self.dir / "state"
-        self.log_file = layout.log_file(self.name)
-        self.pid_file = layout.pid_file(self.name)
 
     def ports(self) -> list[tuple[str, int, str]]:
         p = self.layout.ports
@@ -213,25 +212,4 @@ protocol lmtp {{
         dovecot = procs.find_binary("dovecot")
         # -F keeps the master in the foreground: the pid we record is the master's, and it never
         # holds a pipe of ours because spawn sends stdio to the log file.
-        proc = procs.spawn([dovecot, "-F", "-c", str(self.config)], log_file=self.log_file,
-                           pid_file=self.pid_file)
-
-        def alive() -> bool:
-            return proc.poll() is None
-
-        try:
-            for host, port, what in self.ports():
-                procs.wait_for_port(host, port, alive=alive, what=what, log_file=self.log_file)
-        except SandboxError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        """Stop the master by pid (it takes its children with it); fine when not running."""
-        procs.stop_pid_file(self.pid_file, timeout=10.0)
-
-    def running(self) -> bool:
-        return procs.read_pid(self.pid_file) is not None
-
-    def pids(self) -> dict[str, int | None]:
-        return {self.name: procs.read_pid(self.pid_file)}
+        self.launch([dovecot, "-F", "-c", str(self.config)])

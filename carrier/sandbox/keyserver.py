@@ -22,7 +22,6 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import unquote, urlsplit
 
-from carrier.errors import SandboxError
 from carrier.sandbox import procs
 from carrier.sandbox.layout import LOOPBACK, Layout
 
@@ -133,15 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-class Keyserver:
+class Keyserver(procs.PidFileService):
     """Starts and stops the keyserver process."""
 
     name = "keyserver"
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self.pid_file = layout.pid_file(self.name)
-        self.log_file = layout.log_file(self.name)
 
     @property
     def url(self) -> str:
@@ -159,23 +153,7 @@ class Keyserver:
         if self.running():
             return
         self.prepare()
-        argv, env = procs.python_module("carrier.sandbox.keyserver", "--root", str(self.layout.root))
-        proc = procs.spawn(argv, log_file=self.log_file, pid_file=self.pid_file, env=env)
-        try:
-            procs.wait_for_port(LOOPBACK, self.layout.ports.keyserver, alive=lambda: proc.poll() is None,
-                                what="keyserver", log_file=self.log_file)
-        except SandboxError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        procs.stop_pid_file(self.pid_file)
-
-    def running(self) -> bool:
-        return procs.read_pid(self.pid_file) is not None
-
-    def pids(self) -> dict[str, int | None]:
-        return {self.name: procs.read_pid(self.pid_file)}
+        self.launch(*procs.python_module("carrier.sandbox.keyserver", "--root", str(self.layout.root)))
 
 
 if __name__ == "__main__":

@@ -281,3 +281,43 @@ def check_traversable(path: Path, *, uid: int, gid: int, user: str) -> None:
                 f"{directory} is mode {st.st_mode & 0o7777:04o}: the {user} user cannot reach {path}; "
                 f"use a sandbox dir under /var/tmp (--dir or CARRIER_SANDBOX_DIR) or `chmod o+x {directory}`"
             )
+
+
+class PidFileService:
+    """A sandbox server that is one process we spawn and stop by its pid file.
+
+    Subclasses set ``name`` and implement ``ports()`` (every ``(host, port, what)`` it listens on)
+    and ``start()``, which calls :meth:`launch` with the command line.
+    """
+
+    name: str
+    #: Seconds to wait after SIGTERM before SIGKILL.
+    stop_timeout = 5.0
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.pid_file = layout.pid_file(self.name)
+        self.log_file = layout.log_file(self.name)
+
+    def ports(self) -> list[tuple[str, int, str]]:
+        raise NotImplementedError
+
+    def launch(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Spawn ``argv`` under our pid file and wait until every port accepts; stop it on failure."""
+        proc = spawn(argv, log_file=self.log_file, pid_file=self.pid_file, env=env)
+        try:
+            for host, port, what in self.ports():
+                wait_for_port(host, port, alive=lambda: proc.poll() is None, what=what,
+                              log_file=self.log_file)
+        except SandboxError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_pid_file(self.pid_file, timeout=self.stop_timeout)
+
+    def running(self) -> bool:
+        return read_pid(self.pid_file) is not None
+
+    def pids(self) -> dict[str, int | None]:
+        return {self.name: read_pid(self.pid_file)}

@@ -293,15 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-class SmtpRelay:
+class SmtpRelay(procs.PidFileService):
     """Starts and stops the SMTP process. Needs Dovecot's LMTP up before mail arrives."""
 
     name = "smtp"
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self.pid_file = layout.pid_file(self.name)
-        self.log_file = layout.log_file(self.name)
 
     def ports(self) -> list[tuple[str, int, str]]:
         p = self.layout.ports
@@ -318,27 +313,7 @@ class SmtpRelay:
         if self.running():
             return
         self.prepare()
-        argv, env = procs.python_module("carrier.sandbox.smtpd", "--root", str(self.layout.root))
-        proc = procs.spawn(argv, log_file=self.log_file, pid_file=self.pid_file, env=env)
-
-        def alive() -> bool:
-            return proc.poll() is None
-
-        try:
-            for host, port, what in self.ports():
-                procs.wait_for_port(host, port, alive=alive, what=what, log_file=self.log_file)
-        except SandboxError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        procs.stop_pid_file(self.pid_file)
-
-    def running(self) -> bool:
-        return procs.read_pid(self.pid_file) is not None
-
-    def pids(self) -> dict[str, int | None]:
-        return {self.name: procs.read_pid(self.pid_file)}
+        self.launch(*procs.python_module("carrier.sandbox.smtpd", "--root", str(self.layout.root)))
 
 
 if __name__ == "__main__":
