@@ -131,6 +131,8 @@ class McpSettings:
     tls_key: Path | None = None
     ip_allow: tuple[IPNetwork, ...] = ()
     ip_deny: tuple[IPNetwork, ...] = ()
+    #: Role of the local user on the stdio door (no token there); None: operator, else the first role.
+    stdio_role: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -803,6 +805,7 @@ _MCP: Mapping[str, _F] = {
     "tls_key": _F(_path),
     "ip_allow": _F(_list(_cidr), ()),
     "ip_deny": _F(_list(_cidr), ()),
+    "stdio_role": _F(_str, None, "the name of one of the roles"),
 }
 _ADMIN: Mapping[str, _F] = {"email": _F(_email, _REQUIRED), "fingerprint": _F(_fingerprint, _REQUIRED)}
 _USER: Mapping[str, _F] = {**_ADMIN, "role": _F(_str, _REQUIRED, "the name of one of the roles")}
@@ -929,6 +932,10 @@ def _check_users(values: dict[str, Any], at: _At) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             place = at.key("users").item(index, at.node.get("users"))
             place.problem(f"role {user.role!r} is not defined: {hint}roles are {', '.join(roles) or 'none'}")
+    mcp = values.get("mcp")
+    if isinstance(mcp, McpSettings) and mcp.stdio_role is not None and mcp.stdio_role not in roles:
+        at.key("mcp").key("stdio_role", at.node.get("mcp")).problem(
+            f"role {mcp.stdio_role!r} is not defined: roles are {', '.join(roles) or 'none'}")
 
 
 def _missing_account(ctx: _Ctx) -> str:

@@ -145,13 +145,14 @@ def attach_services(context: ServerContext, services: Services, *, owned: bool =
 
 
 def local_identity(config: Config) -> Identity:
-    """The stdio door's identity: the local user, with the role ``operator`` when the config has
-    it (stdio is the user's own door: whoever can start ``carrier mcp`` can run ``carrier``)."""
+    """The stdio door's identity: the local user, with ``mcp.stdio_role`` (default ``operator``
+    when the config has it). Stdio is the user's own door: whoever can start ``carrier mcp`` can
+    run ``carrier`` itself, so it is trusted as a local admin; the role still bounds what it runs."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    role = "operator" if "operator" in config.roles else sorted(config.roles)[0]
+    role = config.mcp.stdio_role or ("operator" if "operator" in config.roles else sorted(config.roles)[0])
     return Identity(name=f"local:{user}", role=role, door="mcp", admin=True)
 
 

@@ -701,6 +701,14 @@ def test_user_role_must_exist(site: Path) -> None:
     assert "did you mean 'operator'?" in problem
 
 
+def test_mcp_stdio_role(site: Path) -> None:
+    assert load_config(write(site / "carrier.yml", MINIMAL), ENV).mcp.stdio_role is None
+    chosen = load_config(write(site / "carrier.yml", MINIMAL + "mcp: {stdio_role: viewer}\n"), ENV)
+    assert chosen.mcp.stdio_role == "viewer"
+    problem = only_problem(write(site / "carrier.yml", MINIMAL + "mcp: {stdio_role: root}\n"))
+    assert problem.startswith("mcp.stdio_role") and "role 'root' is not defined" in problem
+
+
 @pytest.mark.parametrize(
     ("fingerprint", "message"),
     [("0123ABCD", "40 hex digits"), ("Z" * 40, "40 hex digits"), ("1234567890", "quotes")],

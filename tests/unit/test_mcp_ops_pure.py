@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carrier.config import Config, Role
+from carrier.config import Config, McpSettings, Role
 from carrier.mcp.tools_ops import _clip_event, _clip_text, _split, local_identity
 
 
@@ -32,3 +32,6 @@ def test_split_and_local_identity(tmp_path: Path) -> None:
     only = Config(path=tmp_path / "c.yml", state_dir=tmp_path, inventory=tmp_path, gnupg_home=tmp_path,
                   accounts=(), roles={"ops": Role(exec=True)})
     assert local_identity(only).role == "ops"
+    chosen = Config(path=tmp_path / "c.yml", state_dir=tmp_path, inventory=tmp_path, gnupg_home=tmp_path,
+                    accounts=(), mcp=McpSettings(stdio_role="viewer"))
+    assert local_identity(chosen).role == "viewer"  # the config decides the stdio door's role
