@@ -10,7 +10,6 @@ time, so keys written after start are served without a restart.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import signal
@@ -23,7 +22,7 @@ from types import FrameType
 from urllib.parse import unquote, urlsplit
 
 from carrier.sandbox import procs
-from carrier.sandbox.layout import LOOPBACK, Layout
+from carrier.sandbox.layout import LOOPBACK
 
 log = logging.getLogger("carrier.sandbox.keyserver")
 
@@ -106,13 +105,7 @@ def make_server(key_dir: Path, host: str, port: int) -> ThreadingHTTPServer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carrier.sandbox.keyserver",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="the sandbox directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    layout = Layout.load(args.root)
+    layout = procs.daemon_layout("carrier.sandbox.keyserver", (__doc__ or "").split("\n")[0], argv)
     try:
         server = make_server(layout.keyserver_dir, LOOPBACK, layout.ports.keyserver)
     except OSError as exc:

@@ -321,3 +321,19 @@ class PidFileService:
 
     def pids(self) -> dict[str, int | None]:
         return {self.name: read_pid(self.pid_file)}
+
+
+def daemon_layout(module: str, description: str, argv: Sequence[str] | None = None) -> Layout:
+    """The start of a sandbox daemon's ``main``: parse ``--root``, log to stderr (spawn points it
+    at the daemon's log file) and return that sandbox's layout."""
+    import argparse
+    import logging
+
+    from carrier.sandbox.layout import Layout
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--root", type=Path, required=True, help="the sandbox directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return Layout.load(args.root)

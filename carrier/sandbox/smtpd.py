@@ -11,7 +11,6 @@ The protocol machine is aiosmtpd's; `Delivery` (LMTP) and `SandboxHandler` (poli
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -23,7 +22,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
-from pathlib import Path
 from typing import Any
 
 from carrier.errors import SandboxError
@@ -278,13 +276,7 @@ async def serve(layout: Layout) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carrier.sandbox.smtpd",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="the sandbox directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    layout = Layout.load(args.root)
+    layout = procs.daemon_layout("carrier.sandbox.smtpd", (__doc__ or "").split("\n")[0], argv)
     try:
         asyncio.run(serve(layout))
     except (OSError, ssl.SSLError) as exc:
