@@ -3,14 +3,17 @@ MCP door share)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from carrier.ansible.catalog import Catalog
 from carrier.ansible.inventory import Inventory
 from carrier.ansible.ssh import SshControl
 from carrier.config import Config
 from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
-from carrier.jobs.manager import Manager
+from carrier.jobs.manager import Engine, Manager
 from carrier.jobs.ptyengine import PtyEngine
 from carrier.store import Store
 
@@ -30,23 +33,25 @@ class JobSystem:
         self.pty.close()  # control connections; tmux-backed jobs keep running for the next manager
 
 
-def build_job_system(config: Config, store: Store) -> JobSystem:
-    """A manager for ``config`` with the playbook, adhoc, exec and pty engines (not started yet)."""
-    inventory = Inventory(config.inventory)
-    catalog = Catalog(config.playbook_dirs)
-    ssh = SshControl(config.state_dir)
+def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
+                        playbook_dirs: Sequence[Path], **manager_options: Any) -> JobSystem:
+    """The one place the engines are put together: playbook, adhoc, exec and pty, sharing one
+    inventory and one set of ssh masters. ``manager_options`` go to ``Manager`` (limits, poll)."""
+    inventory = Inventory(inventory_path)
+    catalog = Catalog(playbook_dirs)
+    ssh = SshControl(state_dir)
     pty = PtyEngine(inventory, ssh)
-    manager = Manager(
-        store,
-        config.state_dir,
-        engines=[
-            PlaybookEngine(inventory, ssh, catalog),
-            AdhocEngine(inventory, ssh),
-            ExecEngine(inventory, ssh),
-            pty,
-        ],
+    engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog), AdhocEngine(inventory, ssh),
+               ExecEngine(inventory, ssh), pty]
+    manager = Manager(store, state_dir, engines=engines, **manager_options)
+    return JobSystem(manager=manager, inventory=inventory, catalog=catalog, ssh=ssh, pty=pty)
+
+
+def build_job_system(config: Config, store: Store) -> JobSystem:
+    """A job system for ``config`` (not started yet)."""
+    return assemble_job_system(
+        store, config.state_dir, config.inventory, config.playbook_dirs,
         max_jobs=config.limits.max_jobs,
         max_jobs_per_host=config.limits.max_jobs_per_host,
         output_max_bytes=config.limits.output_max_bytes,
     )
-    return JobSystem(manager=manager, inventory=inventory, catalog=catalog, ssh=ssh, pty=pty)

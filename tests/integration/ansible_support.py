@@ -13,13 +13,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from carrier.ansible.catalog import Catalog
-from carrier.ansible.inventory import Inventory
-from carrier.ansible.ssh import SshControl
-from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
-from carrier.jobs.manager import Manager
-from carrier.jobs.ptyengine import PtyEngine
-from carrier.jobs.system import JobSystem
+from carrier.jobs.system import JobSystem, assemble_job_system
 from carrier.sandbox.manager import Sandbox
 from carrier.store import Store
 
@@ -126,14 +120,8 @@ def write_inventory(sandbox: Sandbox, root: Path) -> Path:
 
 
 def build(state: Path, inventory: Path, playbook_dirs: list[Path], **limits: int) -> JobSystem:
-    store = Store.open(state)
-    inv = Inventory(inventory)
-    ssh = SshControl(state)
-    catalog = Catalog(playbook_dirs)
-    pty = PtyEngine(inv, ssh)
-    manager = Manager(store, state, engines=[PlaybookEngine(inv, ssh, catalog), AdhocEngine(inv, ssh),
-                                             ExecEngine(inv, ssh), pty], poll=0.05, **limits)
-    return JobSystem(manager=manager, inventory=inv, catalog=catalog, ssh=ssh, pty=pty)
+    """The product's own assembly, on a fresh store, polling fast for tests."""
+    return assemble_job_system(Store.open(state), state, inventory, playbook_dirs, poll=0.05, **limits)
 
 
 @contextmanager
