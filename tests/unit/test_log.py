@@ -22,10 +22,18 @@ def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(carrier_log, "_FILTER", RedactingFilter())
     logger = logging.getLogger("carrier")
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    # Start from a process's pristine logger: handlers left on it by earlier in-process tests
+    # (pytest's capture handlers included) would format these deliberately broken records raw.
+    # setup_logging in each test then sets propagate=False itself, as in production.
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.propagate = True  # pytest also hooks loggers that do not propagate; a fresh one does
+    logger.setLevel(logging.NOTSET)
     yield
     for handler in list(logger.handlers):
-        if handler not in handlers:
-            logger.removeHandler(handler)
+        logger.removeHandler(handler)
+    for handler in handlers:
+        logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = propagate
 
