@@ -44,7 +44,7 @@ from carrier.jobs.pty import (
     load_state,
 )
 from carrier.jobs.ptylog import OutputLog
-from carrier.jobs.screen import ScreenView
+from carrier.jobs.screen import ScreenView, render_bytes
 from carrier.store import JobRecord
 from carrier.store.jobruns import JobRunRecord
 
@@ -81,6 +81,10 @@ def _outcome(info: ExitInfo, screen: ScreenView | None, *, mode: str, cancelled_
     if info.reason == "lost":
         return Outcome("lost", "lost", f"lost: {info.message}", None, summary)
     return Outcome("failed", "failed", f"failed: {info.message}", info.rc, summary)
+
+
+#: How much of an ended job's output is replayed to rebuild its last screen.
+_SCREEN_REBUILD_BYTES = 256 * 1024
 
 
 class PtyEngine:
@@ -363,10 +367,23 @@ class PtyJobs:
         job = self.handle(job_id)
         if job is not None:
             return job.screen()
-        _, screen = load_final(self._run_dir(job_id))
+        run_dir = self._run_dir(job_id)
+        _, screen = load_final(run_dir)
         if screen is None:
-            raise PtyError(f"job {job_id} has ended and its last screen was not kept")
+            # The last screen is rendered at exit (capture-pane for tmux), which can fail when the
+            # pane is already gone; the kept output still holds what the terminal showed.
+            screen = self._screen_from_log(job_id, run_dir)
         return screen
+
+    def _screen_from_log(self, job_id: str, run_dir: Path) -> ScreenView:
+        """The last screen rebuilt with pyte from the tail of the kept output (bounded)."""
+        log = OutputLog(run_dir / "output", readonly=True)
+        chunk = log.read(max(0, log.end - _SCREEN_REBUILD_BYTES), _SCREEN_REBUILD_BYTES)
+        if not chunk.data:
+            raise PtyError(f"job {job_id} has ended and neither its last screen nor its output was kept")
+        state = load_state(run_dir)
+        return render_bytes(chunk.data, int(state.get("cols", DEFAULT_COLS)),
+                            int(state.get("rows", DEFAULT_ROWS)))
 
     def wait(self, job_id: str, pattern: str | None = None, *, timeout: float = 30.0,
              idle_ms: int | None = None, since: int | None = None) -> WaitResult:

@@ -356,3 +356,24 @@ def test_output_of_a_plain_job_that_ends_while_it_is_read(workdir: Path, invento
         manager.close()
         engine.close()
         store.close()
+
+
+def test_screen_of_an_ended_job_without_a_kept_screen_is_rebuilt_from_its_output(
+        workdir: Path, inventory: Inventory, ssh: SshControl) -> None:
+    """The last screen is rendered at exit and can be missing (a tmux pane gone first): the
+    screen then comes from the kept output, never an error for a job that printed."""
+    state = workdir / "rebuild-state"
+    store = Store.open(state)
+    manager, engine = _manager(store, state, inventory, ssh)
+    manager.start()
+    doors = PtyJobs(manager, engine)
+    try:
+        job = doors.start("web1", ["sh", "-c", "echo first-line; echo last-line"], owner="t", door="cli")
+        assert manager.wait(job.id, timeout=30).status == "succeeded"
+        (manager.run_dir_of(job.id) / "screen.json").unlink(missing_ok=True)
+        text = doors.screen(job.id).text
+        assert "first-line" in text and "last-line" in text
+    finally:
+        manager.close()
+        engine.close()
+        store.close()
