@@ -33,10 +33,10 @@ from ruamel.yaml.error import YAMLError
 
 from carrier.ansible.errors import ExtraVarsError, PatternError, PlaybookError
 from carrier.ansible.inventory import check_pattern
+from carrier.formats import PLAYBOOK_EXTENSIONS as _EXTENSIONS
+from carrier.formats import PLAYBOOK_NAME_RE as _NAME_RE
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 _VAR_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_EXTENSIONS = (".yml", ".yaml")
 META_SUFFIX = ".meta.yml"
 VAR_TYPES = ("str", "int", "bool", "choice")
 _JINJA = ("{{", "{%", "{#", "}}", "%}", "#}")

@@ -21,16 +21,31 @@ Action = Literal[
     "playbook",  # run a playbook
     "adhoc",  # an ad-hoc Ansible module
     "exec",  # a command on hosts
-    "pty",  # an interactive terminal job
-    "job_read",  # status/output/screen of a job
-    "job_control",  # input/kill/resize of a job
+    "pty",  # start an interactive terminal job
+    "pty_input",  # type into a terminal job (that is running commands, so it needs pty)
+    "ssh_control",  # close hosts' ssh masters (interrupts what runs there: needs exec there)
+    "job_read",  # status/output/screen/wait of a job
+    "job_control",  # kill/resize of a job
+    "job_list",  # list jobs (one's own; an admin's: everyone's)
     "mail",  # an MCP mail tool
-    "inventory",  # list hosts/playbooks (read-only)
+    "inventory",  # list hosts/playbooks/ssh masters (read-only)
     "token",  # ask for an MCP token
-    "admin",  # approve/deny/revoke enrollments
+    "enroll",  # (re-)start one's own enrollment
+    "admin",  # approve/deny/revoke enrollments, tokens of others
 ]
 ACTIONS: tuple[str, ...] = get_args(Action)
 TOOL_GROUPS = ("run", "jobs", "mail")
+#: Which token scope ``tools:<group>`` covers each action. Whatever runs a command on a host
+#: (playbook, ad-hoc, exec, starting or typing into a terminal, closing masters) is ``run``;
+#: watching and stopping jobs is ``jobs``; mail tools are ``mail``. ``token``/``admin``: never
+#: through a token.
+SCOPE_OF_ACTION: Mapping[str, str | None] = {
+    "playbook": "run", "adhoc": "run", "exec": "run", "pty": "run", "pty_input": "run",
+    "ssh_control": "run", "inventory": "run",
+    "job_read": "jobs", "job_control": "jobs", "job_list": "jobs",
+    "mail": "mail",
+    "token": None, "enroll": None, "admin": None,
+}
 #: What the strict command filter refuses when a role has no shell (the previous system missed ``&``).
 METACHARACTERS = (";", "&", "|", "`", "$(", "${", ">", "<", "\n", "\r", "\x00")
 #: Ad-hoc modules that run arbitrary commands: they need exec (and shell for the shell-like ones).
@@ -52,6 +67,8 @@ class Identity:
     #: Token scopes; None when not acting through a token (the role alone applies).
     scopes: tuple[str, ...] | None = None
     token_id: str | None = None
+    #: The local user's own doors (CLI, stdio MCP): whoever can read carrier.yml and its secrets.
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +88,8 @@ class Request:
     command: str | None = None
     shell: bool = False  # the command is to run through a shell
     tool: str | None = None  # the MCP tool name, when the request comes through MCP
-    job_owner: str | None = None  # for job_read / job_control
+    job_owner: str | None = None  # for job_read / job_control / pty_input; job_list: the owner asked for
+    admin_only: bool = False  # the catalog marks the playbook as admins' only
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +147,9 @@ def _shown(meta: str) -> str:
     return {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL byte"}.get(meta, repr(meta))
 
 
-def tool_group(request: Request) -> str:
-    """The MCP tool group a request belongs to (for token scopes)."""
-    if request.tool:
-        prefix = request.tool.split("_", 1)[0]
-        return {"mail": "mail", "job": "jobs"}.get(prefix, "run")
-    groups = {"pty": "jobs", "job_read": "jobs", "job_control": "jobs", "mail": "mail"}
-    return groups.get(request.action, "run")
+def tool_group(request: Request) -> str | None:
+    """The token scope group (``tools:<group>``) that covers a request (None: no token may)."""
+    return SCOPE_OF_ACTION.get(request.action)
 
 
 def check_scopes(scopes: Sequence[str]) -> list[str]:
@@ -191,10 +205,10 @@ def _scope_problem(identity: Identity, request: Request) -> str | None:
     unknown = check_scopes(identity.scopes)
     if unknown:
         return f"the token has scopes Carrier does not understand: {', '.join(unknown)}"
-    if request.action in ("token", "admin"):
+    group = tool_group(request)
+    if group is None:
         return f"{request.action} is not available with a token"
     groups = {s.split(":", 1)[1] for s in identity.scopes if s.startswith("tools:")}
-    group = tool_group(request)
     if groups and "*" not in groups and group not in groups:
         return f"the token's scope does not include {group} tools"
     return None
@@ -215,9 +229,17 @@ def decide(
     action, name = request.action, identity.role
     if action == "admin":
         return Decision(True, "admin") if identity.admin else _no("only an admin may do this")
-    if action in ("token", "inventory"):
+    if action in ("token", "inventory", "enroll"):
         return Decision(True, f"{action} is open to every enrolled identity")
-    if action in ("job_read", "job_control"):
+    if action == "job_list":
+        if identity.admin:
+            return Decision(True, "admin: every owner's jobs")
+        if request.job_owner in (None, identity.name):
+            return Decision(True, "own jobs")
+        return _no("only an admin may list someone else's jobs")
+    if action in ("job_read", "job_control", "pty_input"):
+        if action == "pty_input" and not role.pty:
+            return _no(f"role {name} may not use terminal jobs")
         if request.job_owner is None:
             return _no("the job's owner is unknown")
         if request.job_owner == identity.name or identity.admin:
@@ -225,6 +247,9 @@ def decide(
         return _no("the job belongs to someone else")
     if action == "mail":
         tool = request.tool or ""
+        if tool and identity.local:
+            # The local user holds carrier.yml and the mail passwords: the mailbox is theirs anyway.
+            return Decision(True, f"local user may use {tool}")
         if not tool or not any(fnmatchcase(tool, g) for g in role.mail):
             return _no(f"role {name} may not use {tool or 'mail tools'}")
         return Decision(True, f"role {name} allows {tool}")
@@ -232,6 +257,8 @@ def decide(
         book = request.playbook or ""
         if not book or not _playbook_allowed(book, role.playbooks):
             return _no(f"role {name} may not run playbook {book or '(none)'}")
+        if request.admin_only and not identity.admin:
+            return _no(f"playbook {book} is for admins only")
         return _first([_hosts_problem(identity, role, request)], f"role {name} allows {book}")
     if action == "adhoc":
         module = request.module or ""
@@ -243,6 +270,10 @@ def decide(
         if not module or not any(fnmatchcase(module, g) for g in role.modules):
             return _no(f"role {name} may not run module {module or '(none)'}")
         return _first([_hosts_problem(identity, role, request)], f"role {name} allows {module}")
+    if action == "ssh_control":
+        if not role.exec:
+            return _no(f"role {name} may not run commands, so it may not close ssh masters")
+        return _first([_hosts_problem(identity, role, request)], f"role {name} may close masters there")
     if action == "exec":
         if not role.exec:
             return _no(f"role {name} may not run commands")
@@ -255,6 +286,15 @@ def decide(
         return _no(f"role {name} may not start terminal jobs")
     return _first([_command_problem(identity, role, request.command, strict_commands),
                    _hosts_problem(identity, role, request)], f"role {name} allows pty jobs")
+
+
+def may_run_playbook(identity: Identity, playbook: str, admin_only: bool,
+                     roles: Mapping[str, Role]) -> bool:
+    """Whether the playbook is one ``identity`` may run at all (hosts aside): for listings."""
+    role = roles.get(identity.role)
+    if role is None or (admin_only and not identity.admin):
+        return False
+    return _playbook_allowed(playbook, role.playbooks)
 
 
 class Policy:
@@ -270,3 +310,10 @@ class Policy:
 
     def decide(self, identity: Identity, request: Request) -> Decision:
         return decide(identity, request, self.roles, strict_commands=self.strict_commands)
+
+    def may_run_playbook(self, identity: Identity, playbook: str, admin_only: bool) -> bool:
+        return may_run_playbook(identity, playbook, admin_only, self.roles)
+
+    def role_of(self, identity: Identity) -> Role | None:
+        """The role ``identity`` acts with (for engine options that follow from it, e.g. shell)."""
+        return self.roles.get(identity.role)

@@ -8,6 +8,10 @@ Registered on the main group from ``COMMANDS`` (``carrier.cli._register``)::
 
 ``job`` is a click group; other modules add subcommands to it (``job.add_command(...)``).
 
+Every command is one call of the operations layer (:mod:`carrier.ops`) as the local user
+(``local:<user>``, the role ``mcp.stdio_role`` names, like the stdio MCP door): decided by the policy
+and written to the audit trail like any other door's request.
+
 Exit status: 0 when the job succeeded, 2 when it ended otherwise (failed, cancelled, lost), like
 ``ansible-playbook``; 1 for bad input or configuration (one line on stderr that names the fix).
 """
@@ -15,21 +19,22 @@ Exit status: 0 when the job succeeded, 2 when it ended otherwise (failed, cancel
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
+from carrier.auth.policy import Identity
 from carrier.clikit import config_option as _config_option
 from carrier.clikit import friendly as _friendly
-from carrier.jobs.manager import JobView, Manager
-from carrier.jobs.system import JobSystem
+from carrier.jobs.manager import JobView
+from carrier.ops import Ops
 
 EXIT_FAILED = 2
 
@@ -37,33 +42,36 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON 
 
 
 def cli_owner() -> str:
-    """Who a CLI job belongs to: ``cli:<local user>``."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"cli:{user}"
+    """Who a CLI job belongs to: the local user, ``local:<user>`` (the same name stdio MCP uses)."""
+    from carrier.ops.identity import local_user
+
+    return f"local:{local_user()}"
+
+
+@dataclass
+class CliOps:
+    """The operations layer and the local identity, for one CLI command."""
+
+    ops: Ops
+    who: Identity
 
 
 @contextlib.contextmanager
-def open_system(config_path: Path | None, *, start: bool = True) -> Iterator[JobSystem]:
-    """Config, store and job system for one CLI command; closed (jobs handed back) at the end."""
+def open_ops(config_path: Path | None, *, start: bool = True) -> Iterator[CliOps]:
+    """Config, store, trust and the operations layer for one CLI command; closed (jobs handed back)
+    at the end."""
     from carrier.config import load_config, resolve_config_path
-    from carrier.jobs.system import build_job_system
     from carrier.log import setup_logging
-    from carrier.store import Store
+    from carrier.ops.identity import local_identity
+    from carrier.ops.runtime import Services
 
     config = load_config(resolve_config_path(config_path, os.environ), os.environ)
     setup_logging("WARNING", secrets=config.secrets())
-    store = Store.open(config.state_dir)
-    system = build_job_system(config, store)
+    services = Services(config, start_jobs=start)
     try:
-        if start:
-            system.manager.start(adopt=False)
-        yield system
+        yield CliOps(services.ops, local_identity(config, door="cli"))
     finally:
-        system.close()
-        store.close()
+        services.close()
 
 
 def _dump(value: Any) -> None:
@@ -75,14 +83,17 @@ def _exit_for(view: JobView) -> None:
         sys.exit(EXIT_FAILED)
 
 
-def _follow(manager: Manager, job_id: str, *, cursor: int = 0, as_json: bool = False) -> JobView:
-    """Print the job's events as they come until it ends; Ctrl-C cancels the job."""
+def _follow(cli: CliOps, job: str | JobView, *, cursor: int = 0, as_json: bool = False) -> JobView:
+    """Print the job's events as they come until it ends; Ctrl-C cancels the job. ``job``: an id,
+    or the view of a job this command just started."""
     from carrier.jobs.render import event_text
 
+    watch = cli.ops.watch(cli.who, job) if isinstance(job, str) else cli.ops.own_watch(cli.who, job)
+    job_id = watch.job_id
     cancelled = False
     while True:
         try:
-            events, cursor = manager.output(job_id, cursor, 500)
+            events, cursor = watch.output(cursor, 500)
             for event in events:
                 if as_json:
                     click.echo(json.dumps({"seq": event.seq, "ts": event.ts, "type": event.type,
@@ -91,17 +102,17 @@ def _follow(manager: Manager, job_id: str, *, cursor: int = 0, as_json: bool = F
                 text = event_text(event)
                 if text:
                     click.echo(text)
-            view = manager.get(job_id)
+            view = watch.get()
             if view.done and not events:
                 return view
             if not events:
-                manager.wait(job_id, timeout=0.25)
+                watch.wait(timeout=0.25)
         except KeyboardInterrupt:
             if cancelled:
                 raise
             cancelled = True
             click.echo(f"\ncarrier: cancelling {job_id} (Ctrl-C again to stop watching)", err=True)
-            manager.kill(job_id, by=f"{cli_owner()} (Ctrl-C)")
+            cli.ops.kill(cli.who, job_id)
 
 
 # --------------------------------------------------------------------------- run
@@ -132,17 +143,15 @@ def run_command(config_path: Path | None, playbook: str, limit: str | None, extr
     """Run PLAYBOOK from the playbook directories as a job."""
     from carrier.ansible.catalog import parse_assignments
 
-    options: dict[str, Any] = {"extra_vars": parse_assignments(extra_vars), "check": check, "diff": diff}
-    for name, value in (("limit", limit), ("tags", tags), ("skip_tags", skip_tags), ("forks", forks),
-                        ("timeout", timeout)):
-        if value is not None:
-            options[name] = value
-    with open_system(config_path) as system:
-        manager = system.manager
-        view = manager.run_playbook(playbook, owner=cli_owner(), door="cli", **options)
+    options: dict[str, Any] = {"extra_vars": parse_assignments(extra_vars), "check": check, "diff": diff,
+                               "limit": limit, "forks": forks, "timeout": timeout,
+                               "tags": _csv(tags), "skip_tags": _csv(skip_tags)}
+    with open_ops(config_path) as cli:
+        view = cli.ops.run_playbook(cli.who, playbook, **options)
         if not (wait or junit):
+            watch = cli.ops.own_watch(cli.who, view)
             while view.status == "queued":
-                view = manager.wait(view.id, timeout=0.5)
+                view = watch.wait(timeout=0.5)
             if as_json:
                 _dump(view.to_dict())
             elif view.done:
@@ -153,14 +162,15 @@ def run_command(config_path: Path | None, playbook: str, limit: str | None, extr
                 _exit_for(view)
             return
         click.echo(f"== job {view.id}: playbook {playbook} on {view.target or '-'}", err=True)
-        view = _follow(manager, view.id, as_json=as_json)
+        view = _follow(cli, view, as_json=as_json)
         if junit is not None:
             from carrier.jobs.render import junit_xml
 
             events = []
             cursor = 0
+            watch = cli.ops.own_watch(cli.who, view)
             while True:
-                batch, cursor = manager.output(view.id, cursor, 5000)
+                batch, cursor = watch.output(cursor, 5000)
                 events.extend(batch)
                 if len(batch) < 5000:
                     break
@@ -189,18 +199,17 @@ def exec_command(config_path: Path | None, shell: bool, timeout: int | None, as_
         argv = argv[1:]
     if not argv:
         raise click.UsageError("give the command after --: carrier exec PATTERN -- CMD [ARGS...]")
-    with open_system(config_path) as system:
-        manager = system.manager
+    with open_ops(config_path) as cli:
         cmd: list[str] | str = " ".join(argv) if shell else argv
-        view = manager.run_exec(pattern, cmd, owner=cli_owner(), door="cli", shell=shell,
-                                timeout=float(timeout) if timeout else None)
+        view = cli.ops.exec(cli.who, pattern, cmd, shell=shell, timeout=float(timeout) if timeout else None)
         if as_json:
-            view = manager.wait(view.id)
-            events, _ = manager.output(view.id, 0, 10_000)
+            watch = cli.ops.own_watch(cli.who, view)
+            view = watch.wait()
+            events, _ = watch.output(0, 10_000)
             _dump({"job": view.to_dict(),
                    "results": [e.data for e in events if e.type == "exec.result"]})
         else:
-            view = _follow(manager, view.id)
+            view = _follow(cli, view)
         _exit_for(view)
 
 
@@ -220,8 +229,8 @@ def jobs_command(config_path: Path | None, owner: str | None, status: str | None
     """List jobs, newest first."""
     from carrier.jobs.render import jobs_table
 
-    with open_system(config_path, start=False) as system:
-        views = system.manager.list_jobs(owner=owner, status=status, kind=kind, limit=limit)
+    with open_ops(config_path, start=False) as cli:
+        views = cli.ops.list_jobs(cli.who, owner=owner, status=status, kind=kind, limit=limit)
     if as_json:
         _dump([v.to_dict() for v in views])
     else:
@@ -242,12 +251,8 @@ def job_show(config_path: Path | None, job_id: str, as_json: bool) -> None:
     """Status, message and recap of JOB_ID."""
     from carrier.jobs.render import job_text
 
-    with open_system(config_path, start=False) as system:
-        manager = system.manager
-        view = manager.get(job_id)
-        if not view.done and manager.attach(job_id):
-            manager.start()
-            view = manager.wait(job_id, timeout=1.0)  # nobody watched it: catch up first
+    with open_ops(config_path, start=False) as cli:
+        view = cli.ops.watch(cli.who, job_id).wait(timeout=1.0)  # nobody watched it: catch up first
     if as_json:
         _dump(view.to_dict())
     else:
@@ -265,15 +270,12 @@ def job_output(config_path: Path | None, job_id: str, cursor: int, follow: bool,
     """The output of JOB_ID (events after --cursor); the next cursor goes to stderr."""
     from carrier.jobs.render import event_text
 
-    with open_system(config_path, start=False) as system:
-        manager = system.manager
+    with open_ops(config_path, start=False) as cli:
         if follow:
-            if manager.attach(job_id):
-                manager.start()
-            view = _follow(manager, job_id, cursor=cursor, as_json=as_json)
+            view = _follow(cli, job_id, cursor=cursor, as_json=as_json)
             _exit_for(view)
             return
-        events, next_cursor = manager.output(job_id, cursor, 10_000)
+        _, events, next_cursor = cli.ops.events(cli.who, job_id, cursor, 10_000)
     if as_json:
         _dump({"events": [{"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data} for e in events],
                "next_cursor": next_cursor})
@@ -293,18 +295,16 @@ def job_output(config_path: Path | None, job_id: str, cursor: int, follow: bool,
 @_friendly
 def job_kill(config_path: Path | None, job_id: str, wait_s: float) -> None:
     """Cancel JOB_ID: a queued job ends at once, a running one is stopped."""
-    with open_system(config_path, start=False) as system:
-        manager = system.manager
-        view = manager.get(job_id)
+    with open_ops(config_path, start=False) as cli:
+        watch = cli.ops.watch(cli.who, job_id)
+        view = watch.get()
         if view.done:
             click.echo(f"{view.id} already {view.status}: {view.message}")
             return
-        manager.attach(job_id)
-        manager.start()
-        view = manager.kill(job_id, by=cli_owner())
+        view = cli.ops.kill(cli.who, job_id)
         deadline = time.monotonic() + wait_s
         while not view.done and time.monotonic() < deadline:
-            view = manager.wait(job_id, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            view = watch.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
     click.echo(f"{view.id} {view.status}: {view.message or 'cancel requested'}")
 
 
@@ -318,16 +318,13 @@ def job_kill(config_path: Path | None, job_id: str, wait_s: float) -> None:
 @_friendly
 def hosts_command(config_path: Path | None, pattern: str, as_json: bool) -> None:
     """The inventory hosts PATTERN selects, with their groups."""
-    with open_system(config_path, start=False) as system:
-        names = system.inventory.resolve(pattern)
-        groups = system.inventory.groups()
-    member = {h: sorted(g for g, hs in groups.items() if h in hs and g not in ("all", "ungrouped"))
-              for h in names}
+    with open_ops(config_path, start=False) as cli:
+        hosts = cli.ops.hosts(cli.who, pattern)
     if as_json:
-        _dump([{"host": h, "groups": member[h]} for h in names])
+        _dump([{"host": h.name, "groups": list(h.groups)} for h in hosts])
         return
-    for host in names:
-        click.echo(f"{host:<24} {', '.join(member[host])}")
+    for host in hosts:
+        click.echo(f"{host.name:<24} {', '.join(host.groups)}")
 
 
 @click.command("playbooks")
@@ -336,8 +333,8 @@ def hosts_command(config_path: Path | None, pattern: str, as_json: bool) -> None
 @_friendly
 def playbooks_command(config_path: Path | None, as_json: bool) -> None:
     """The playbooks that can be run, with their extra vars."""
-    with open_system(config_path, start=False) as system:
-        infos = system.catalog.list()
+    with open_ops(config_path, start=False) as cli:
+        infos = cli.ops.playbooks(cli.who)
     if as_json:
         _dump([i.to_dict() for i in infos])
         return
@@ -348,6 +345,10 @@ def playbooks_command(config_path: Path | None, as_json: bool) -> None:
             extra = f" one of {', '.join(spec.choices)}" if spec.choices else ""
             default = f" [default {spec.default}]" if spec.default is not None else " (required)"
             click.echo(f"    {name}: {spec.type}{extra}{default} {spec.description}".rstrip())
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
 #: Everything to register on the main ``carrier`` group.

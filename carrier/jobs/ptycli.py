@@ -1,6 +1,7 @@
 """CLI for PTY jobs, for people: ``carrier job start|input|screen|attach``.
 
-The lead adds them to the ``job`` group::
+Each goes through the operations layer as the local user (decided and audited). The lead adds
+them to the ``job`` group::
 
     from carrier.jobs import ptycli
     for command in ptycli.COMMANDS:
@@ -37,7 +38,7 @@ import click
 from carrier.clikit import config_option as _config_option
 from carrier.clikit import friendly as _friendly
 from carrier.jobs import keys as keymod
-from carrier.jobs.cli import EXIT_FAILED, _json_option, cli_owner, open_system
+from carrier.jobs.cli import EXIT_FAILED, CliOps, _json_option, open_ops
 from carrier.jobs.pty import (
     DEFAULT_COLS,
     DEFAULT_ROWS,
@@ -46,33 +47,18 @@ from carrier.jobs.pty import (
     MAX_ROWS,
     MIN_COLS,
     MIN_ROWS,
+    PtyError,
 )
-from carrier.jobs.ptyengine import PtyEngine, PtyJobs
 from carrier.jobs.screen import ScreenView
-from carrier.jobs.system import JobSystem
+from carrier.ops.service import Watch
 
 SETTLE_MS = 300
 
 
-def pty_jobs(system: JobSystem) -> PtyJobs:
-    """The PTY calls for ``system`` (registering the engine when the system was built without it)."""
-    engine = system.manager.engines.get("pty")
-    if not isinstance(engine, PtyEngine):
-        engine = PtyEngine(system.inventory, system.ssh)
-        system.manager.register(engine)
-    return PtyJobs(system.manager, engine)
-
-
 @contextlib.contextmanager
-def _doors(config_path: Path | None) -> Iterator[PtyJobs]:
-    with open_system(config_path, start=False) as system:
-        doors = pty_jobs(system)
-        system.manager.start()
-        try:
-            yield doors
-        finally:
-            system.manager.close()
-            doors.engine.close()
+def _doors(config_path: Path | None) -> Iterator[CliOps]:
+    with open_ops(config_path) as cli:
+        yield cli
 
 
 def _print_screen(screen: ScreenView, *, as_json: bool, framed: bool = True) -> None:
@@ -84,9 +70,9 @@ def _print_screen(screen: ScreenView, *, as_json: bool, framed: bool = True) -> 
         click.echo(screen.text)
 
 
-def _settle(doors: PtyJobs, job_id: str, since: int | None = None) -> None:
+def _settle(watch: Watch, since: int | None = None) -> None:
     """Wait until output pauses (the program has drawn), at most 5 s."""
-    doors.wait(job_id, idle_ms=SETTLE_MS, timeout=5.0, since=since)
+    watch.pty_wait(idle_ms=SETTLE_MS, timeout=5.0, since=since)
 
 
 # --------------------------------------------------------------------------- start
@@ -118,44 +104,47 @@ def start_command(config_path: Path | None, shell: bool, term: str, cols: int | 
     size = shutil.get_terminal_size((DEFAULT_COLS, DEFAULT_ROWS)) if sys.stdout.isatty() else None
     cols = cols or (_clamp(size.columns, MIN_COLS, MAX_COLS) if size else DEFAULT_COLS)
     rows = rows or (_clamp(size.lines, MIN_ROWS, MAX_ROWS) if size else DEFAULT_ROWS)
-    with _doors(config_path) as doors:
+    with _doors(config_path) as cli:
         cmd: list[str] | str = " ".join(argv) if shell else argv
-        view = doors.start(host, cmd, owner=cli_owner(), door="cli", shell=shell, term=term, cols=cols,
-                           rows=rows, mode=mode)
-        live = doors.engine.live(view.id)
-        if live is None and doors.manager.get(view.id).done:
-            _follow_output(doors, view.id)  # it ended already: its output and how it ended
+        view = cli.ops.pty_start(cli.who, host, cmd, shell=shell, term=term, cols=cols, rows=rows, mode=mode)
+        watch = cli.ops.own_watch(cli.who, view)
+        live = None
+        if not watch.get().done:
+            with contextlib.suppress(PtyError):  # queued: it has no terminal yet
+                live = watch.handle()
+        if live is None and watch.get().done:
+            _follow_output(watch)  # it ended already: its output and how it ended
             return
         if live is None:
             click.echo(f"{view.id} {view.status}: {view.message or 'waiting for a free slot'}", err=True)
             return
         if attach_now or (live.mode != "tmux" and sys.stdin.isatty()):
-            _attach(doors, view.id)
+            _attach(cli, view.id)
             return
         if live.mode != "tmux":
             # Without tmux the job lives as long as this process: follow it to its end.
             click.echo(f"== {view.id} on {host} (no tmux: it ends when this command does)", err=True)
-            _follow_output(doors, view.id)
+            _follow_output(watch)
             return
-        _settle(doors, view.id, since=0)
+        _settle(watch, since=0)
         if as_json:
-            click.echo(json.dumps({"job": doors.manager.get(view.id).to_dict(),
-                                   "screen": doors.screen(view.id).to_dict()}, indent=2, default=str))
+            click.echo(json.dumps({"job": watch.get().to_dict(), "screen": watch.screen().to_dict()},
+                                  indent=2, default=str))
             return
         click.echo(f"{view.id} running on {host} (tmux): drive it with `carrier job input {view.id} ...`, "
                    f"`carrier job attach {view.id}`")
-        _print_screen(doors.screen(view.id), as_json=False)
+        _print_screen(watch.screen(), as_json=False)
 
 
 def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
 
-def _follow_output(doors: PtyJobs, job_id: str) -> None:
+def _follow_output(watch: Watch) -> None:
     cursor = 0
     out = sys.stdout.buffer
     while True:
-        read = doors.output(job_id, cursor)
+        read = watch.pty_output(cursor)
         if read.data:
             out.write(read.data)
             out.flush()
@@ -163,8 +152,8 @@ def _follow_output(doors: PtyJobs, job_id: str) -> None:
             continue
         if read.done:
             break
-        doors.wait(job_id, idle_ms=50, timeout=1.0, since=cursor)
-    view = doors.manager.wait(job_id, timeout=10)
+        watch.pty_wait(idle_ms=50, timeout=1.0, since=cursor)
+    view = watch.wait(timeout=10)
     click.echo(f"\n{view.id} {view.message}", err=True)
     if view.status != "succeeded":
         sys.exit(EXIT_FAILED)
@@ -185,12 +174,13 @@ def input_command(config_path: Path | None, key_names: str, no_screen: bool, as_
                   text: str) -> None:
     """Type TEXT into JOB_ID, then press --keys; print the screen once it settles."""
     keys = keymod.keys(key_names) if key_names else []  # refuse a bad key name before anything runs
-    with _doors(config_path) as doors:
-        cursor = doors.input(job_id, text, [k.name for k in keys])
+    with _doors(config_path) as cli:
+        cursor = cli.ops.pty_input(cli.who, job_id, text, [k.name for k in keys])
         if no_screen:
             return
-        _settle(doors, job_id, since=cursor)
-        _print_screen(doors.screen(job_id), as_json=as_json)
+        watch = cli.ops.watch(cli.who, job_id)
+        _settle(watch, since=cursor)
+        _print_screen(watch.screen(), as_json=as_json)
 
 
 @click.command("screen")
@@ -201,8 +191,9 @@ def input_command(config_path: Path | None, key_names: str, no_screen: bool, as_
 @_friendly
 def screen_command(config_path: Path | None, plain: bool, as_json: bool, job_id: str) -> None:
     """What JOB_ID's terminal shows now (its last screen, for a finished job)."""
-    with _doors(config_path) as doors:
-        _print_screen(doors.screen(job_id), as_json=as_json, framed=not plain)
+    with _doors(config_path) as cli:
+        _, screen = cli.ops.pty_screen(cli.who, job_id)
+        _print_screen(screen, as_json=as_json, framed=not plain)
 
 
 # --------------------------------------------------------------------------- attach
@@ -220,26 +211,26 @@ def attach_command(config_path: Path | None, detach_key: str, no_resize: bool, j
     key = keymod.key(detach_key)
     if len(key.normal) != 1:
         raise click.UsageError("the detach key must be a single-byte key such as ctrl-] or ctrl-q")
-    with _doors(config_path) as doors:
-        _attach(doors, job_id, detach=key.normal, resize=not no_resize)
+    with _doors(config_path) as cli:
+        _attach(cli, job_id, detach=key.normal, resize=not no_resize)
 
 
-def _attach(doors: PtyJobs, job_id: str, *, detach: bytes = b"\x1d", resize: bool = True) -> None:
+def _attach(cli: CliOps, job_id: str, *, detach: bytes = b"\x1d", resize: bool = True) -> None:
     stdin = sys.stdin.fileno()
     stdout = sys.stdout.buffer
     if not os.isatty(stdin):
         raise click.UsageError("attach needs a terminal on stdin (use `carrier job input` from scripts)")
-    job = doors.handle(job_id)
+    job = cli.ops.pty_handle(cli.who, job_id)
+    watch = cli.ops.watch(cli.who, job_id)
     if job is None:
-        view = doors.manager.get(job_id)
+        view = watch.get()
         raise click.UsageError(f"job {job_id} has ended ({view.status}): `carrier job screen {job_id}` "
                                "shows its last screen")
 
     def follow_size(*_: Any) -> None:
         size = shutil.get_terminal_size()
         with contextlib.suppress(Exception):
-            doors.resize(job_id, _clamp(size.columns, MIN_COLS, MAX_COLS),
-                         _clamp(size.lines, MIN_ROWS, MAX_ROWS))
+            job.resize(_clamp(size.columns, MIN_COLS, MAX_COLS), _clamp(size.lines, MIN_ROWS, MAX_ROWS))
 
     saved = termios.tcgetattr(stdin)
     old_winch = signal.getsignal(signal.SIGWINCH)
@@ -280,7 +271,7 @@ def _attach(doors: PtyJobs, job_id: str, *, detach: bytes = b"\x1d", resize: boo
         signal.signal(signal.SIGWINCH, old_winch)
         termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         stdout.flush()
-    view = doors.manager.wait(job_id, timeout=10)
+    view = watch.wait(timeout=10)
     click.echo(f"\r\n[{job_id} {view.message}]", err=True)
     if view.status != "succeeded":
         sys.exit(EXIT_FAILED)

@@ -282,6 +282,10 @@ class PtyJobs:
         request = {"host": host, "command": list(command) if not isinstance(command, str) else command,
                    "shell": shell, "term": term, "cols": cols, "rows": rows, "mode": mode}
         view = self.manager.submit("pty", request, owner=owner, door=door)
+        return self.started(view, wait=wait)
+
+    def started(self, view: JobView, *, wait: float = 10.0) -> JobView:
+        """``view`` once its terminal exists (or it ended, or it must queue), waiting up to ``wait`` s."""
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             view = self.manager.get(view.id)

@@ -24,32 +24,31 @@ import shlex
 from dataclasses import dataclass, field
 
 from carrier.auth.enrollment import unquoted_lines
+from carrier.formats import FINGERPRINT_RE as _FPR_RE
+from carrier.formats import JOB_ID_EXAMPLE as _JOB
+from carrier.formats import KEY_NAME_RE as _KEY_RE
+from carrier.formats import ROLE_NAME_RE, is_job_id, pattern_problem, playbook_stem
+from carrier.formats import TAG_RE as _TAG_RE
+from carrier.formats import VAR_NAME_RE as _VAR_RE
 
 DEFAULT_MAX_COMMANDS = 20
 MAX_LINE = 2000
-_JOB_RE = re.compile(r"j-[a-z2-7]{8,32}")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_PATTERN_RE = re.compile(r"[A-Za-z0-9_.*?!&:,\[\]-]{1,256}")
-_VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_TAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _REQUEST_RE = re.compile(r"r-[a-z2-7]{12}", re.IGNORECASE)
-_FPR_RE = re.compile(r"[0-9A-Fa-f]{40}")
 _NONCE_RE = re.compile(r"[0-9a-f]{32}")
 _CODE_RE = re.compile(r"[A-Za-z0-9]{6,32}")
-_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 #: One example per verb, shown with an error and in ``help``.
 EXAMPLES: dict[str, str] = {
     "run": "run ping on web1",
     "exec": "exec web1 uptime",
-    "status": "status j-abcdefgh",
-    "output": "output j-abcdefgh tail 50",
-    "kill": "kill j-abcdefgh",
+    "status": f"status {_JOB}",
+    "output": f"output {_JOB} tail 50",
+    "kill": f"kill {_JOB}",
     "jobs": "jobs",
     "job": "job start web1 top",
     "job start": "job start web1 top",
-    "job input": "job input j-abcdefgh keys Down,Enter",
-    "job screen": "job screen j-abcdefgh",
+    "job input": f"job input {_JOB} keys Down,Enter",
+    "job screen": f"job screen {_JOB}",
     "hosts": "hosts web",
     "playbooks": "playbooks",
     "help": "help",
@@ -124,15 +123,15 @@ def _bad(verb: str, message: str) -> _Bad:
 def _job_id(verb: str, value: str | None) -> str:
     if value is None:
         raise _bad(verb, f"`{verb}` needs a job id")
-    if not _JOB_RE.fullmatch(value):
-        raise _bad(verb, f"{value[:40]!r} is not a job id (job ids look like j-abcdefgh)")
+    if not is_job_id(value):
+        raise _bad(verb, f"{value[:40]!r} is not a job id (job ids look like {_JOB})")
     return value
 
 
 def _pattern(verb: str, value: str | None) -> str:
     if value is None:
         raise _bad(verb, f"`{verb}` needs a host or group")
-    if not _PATTERN_RE.fullmatch(value):
+    if pattern_problem(value) is not None:
         raise _bad(verb, f"{value[:40]!r} is not a host pattern (names, groups, globs, ! and &)")
     return value
 
@@ -154,8 +153,10 @@ def _run(line: str, lineno: int, rest: str) -> Command:
     if not words:
         raise _bad("run", "`run` needs a playbook name")
     playbook = words.pop(0)
-    if not _NAME_RE.fullmatch(playbook):
-        raise _bad("run", f"{playbook[:40]!r} is not a playbook name (letters, digits, _ . -)")
+    stem = playbook_stem(playbook)
+    if stem is None:
+        raise _bad("run", f"{playbook[:40]!r} is not a playbook name (letters, digits, _ and -)")
+    playbook = stem
     pattern: str | None = None
     check = diff = False
     tags: tuple[str, ...] = ()
@@ -215,7 +216,8 @@ def _job_sub(line: str, lineno: int, rest: str) -> Command:
         argv = _split("job start", command)
         if not argv:
             raise _bad("job start", "`job start` needs a command to run")
-        return Command("job start", line, lineno, pattern=host, argv=tuple(argv))
+        # ``text`` keeps the command as written: a role with a shell runs it as shell text.
+        return Command("job start", line, lineno, pattern=host, argv=tuple(argv), text=command.strip())
     if sub == "screen":
         words = _split("job screen", tail)
         job = _job_id("job screen", words.pop(0) if words else None)
@@ -301,7 +303,7 @@ def parse_line(line: str, lineno: int = 1) -> Command:
         if verb == "approve" and words and words[0].lower() == "as":
             words.pop(0)
             role = words.pop(0) if words else ""
-            if not _NAME_RE.fullmatch(role):
+            if not ROLE_NAME_RE.fullmatch(role):
                 raise _bad(verb, "`as` needs a role name")
         _no_more(verb, words)
         return Command(verb, stripped, lineno, request=request.lower(), role=role)

@@ -19,21 +19,19 @@ an answer only to ``enroll``/``confirm``; the subject is never read for commands
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from carrier.auth.enrollment import Outcome as EnrollOutcome
 from carrier.auth.errors import AuthError, RateLimited, VerificationError
 from carrier.auth.mailauth import sender_of
 from carrier.auth.pgp import parse_clearsigned
-from carrier.auth.policy import HostRef, Identity, Request
+from carrier.auth.policy import Decision, Identity, Request
 from carrier.auth.ratelimit import identity_key
 from carrier.auth.service import Trust
 from carrier.config import Config, MailAccount
@@ -43,9 +41,11 @@ from carrier.jobs.render import job_text, jobs_table
 from carrier.jobs.system import JobSystem
 from carrier.mail import replies
 from carrier.mail.commands import (
+    EXAMPLES,
     GRAMMAR,
     Command,
     CommandError,
+    ParseResult,
     first_verb,
     is_free_text,
     parse_commands,
@@ -54,6 +54,7 @@ from carrier.mail.compose import sender_domain
 from carrier.mail.outbox import Outbox
 from carrier.mail.parse import Headers, parse_headers, parse_message
 from carrier.mail.replies import ReplyBody, Section, Thread
+from carrier.ops import Denied, Ops, Planned
 from carrier.store import Store
 from carrier.store import gateway as sql
 
@@ -126,14 +127,6 @@ class StepResult:
     recorded: bool = False
 
 
-@dataclass(frozen=True)
-class _Step:
-    account: MailAccount
-    key: str
-    idx: int
-    reply: dict[str, Any]
-
-
 class MailDoor:
     """Processes command mails for one configuration (all accounts)."""
 
@@ -148,11 +141,15 @@ class MailDoor:
         max_commands: int | None = None,
         proposer: Any | None = None,
         owner: str | None = None,
+        ops: Ops | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.trust = trust
+        #: Read by the result notifier only (job views and events of the jobs this door started).
         self.jobs = jobs
+        #: Every command of a mail is one call here: decide, audit, run.
+        self.ops = ops or Ops(config, store, trust.policy, trust.audit, jobs, trust=trust)
         self.outbox = outbox
         self.max_commands = config.mail.max_commands if max_commands is None else max_commands
         self.proposer = proposer
@@ -312,14 +309,8 @@ class MailDoor:
         ):
             sections.append(self._free_text(account, key, identity, auth.signature.text))
         else:
-            done = sql.steps_of(self.store, account.name, key)
-            for idx, entry in enumerate(parsed.entries):
-                if idx in done:
-                    sections.append(Section.from_dict(done[idx].section))
-                    continue
-                sections.append(
-                    self._step(account, key, idx, entry, identity, thread, raw, message_key, received_at)
-                )
+            sections.extend(self._commands(account, key, parsed, identity, thread,
+                                           _Signed(raw, message_key, received_at)))
         body = replies.render_sections(sections, footer=f"{identity.name} ({identity.role})")
         msg_id, out = self._mail(account, thread, body)
         self._finish(account, key, ok=True, reply=(msg_id, out, sender))
@@ -398,257 +389,92 @@ class MailDoor:
             example="run ping on web1",
         )
 
-    def _step(
-        self,
-        account: MailAccount,
-        key: str,
-        idx: int,
-        entry: Command | CommandError,
-        identity: Identity,
-        thread: Thread,
-        raw: bytes,
-        message_key: str,
-        received_at: float,
-    ) -> Section:
-        if isinstance(entry, CommandError):
-            section = Section(entry.line, "error", entry.message, example=entry.example)
-            sql.record_step(self.store, account.name, key, idx, section.to_dict())
+    def _plan(self, cmd: Command, identity: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+        """Decide one understood line through the operations layer (nothing runs yet)."""
+        handler = VERBS.get(cmd.verb)
+        if handler is None:
+            raise CarrierError(f"`{cmd.verb}` is not handled by this Carrier")
+        return handler(self, cmd, identity, signed)
+
+    def _run_step(self, account: MailAccount, key: str, idx: int, cmd: Command,
+                  planned: _JobStep | _ReadStep, thread: Thread, identity: Identity) -> Section:
+        """Run one decided line and record it (with its job, in the job's own transaction)."""
+        if isinstance(planned, _JobStep):
+            reply = {"account": account.name, "thread": thread.to_dict(), "owner": identity.name}
+            holder: list[Section] = []
+
+            def within(view: JobView) -> None:
+                section = Section(cmd.line, "accepted", planned.text(view), job=view.id)
+                holder.append(section)
+                sql.watch_job(self.store, view.id, account.name, key, reply)
+                sql.record_step(self.store, account.name, key, idx, section.to_dict(), view.id)
+
+            try:
+                view = planned.planned.run(within)
+            except CarrierError as exc:
+                section = Section(cmd.line, "error", str(exc))
+                sql.record_step(self.store, account.name, key, idx, section.to_dict())
+                return section
+            section = holder[0]
+            if planned.after is not None:
+                block = planned.after(view)  # e.g. a terminal's first screen, once it settled
+                if block:
+                    section = replace(section, block=block)
             return section
-        step = _Step(
-            account, key, idx, {"account": account.name, "thread": thread.to_dict(), "owner": identity.name}
-        )
         try:
-            result = self._execute(entry, identity, raw, message_key, received_at, step)
+            result = planned.planned.run()
         except CarrierError as exc:
-            result = StepResult(Section(entry.line, "error", str(exc)))
-        if not result.recorded:
-            with self.store.transaction():
-                for n, (to, subject, text, encrypt_to) in enumerate(result.notices):
-                    self._queue_notice(account, to, subject, text, encrypt_to, f"{key_hash(key)}.{idx}.{n}")
-                sql.record_step(self.store, account.name, key, idx, result.section.to_dict(), result.job_id)
+            result = StepResult(Section(cmd.line, "error", str(exc)))
+        with self.store.transaction():
+            for n, (to, subject, text, encrypt_to) in enumerate(result.notices):
+                self._queue_notice(account, to, subject, text, encrypt_to, f"{key_hash(key)}.{idx}.{n}")
+            sql.record_step(self.store, account.name, key, idx, result.section.to_dict(), result.job_id)
         return result.section
 
-    def _submit(
-        self,
-        step: _Step,
-        identity: Identity,
-        line: str,
-        submit: Callable[[], JobView],
-        text: Callable[[JobView], str],
-    ) -> StepResult:
-        """Submit a job, record the step and the owed result mail in one transaction."""
-        with self.store.transaction():
-            view = submit()
-            section = Section(line, "accepted", text(view), job=view.id)
-            sql.watch_job(self.store, view.id, step.account.name, step.key, step.reply)
-            sql.record_step(self.store, step.account.name, step.key, step.idx, section.to_dict(), view.id)
-        self.trust.audit.job(
-            identity, view.id, "start", hosts=view.hosts, outcome="accepted", detail={"command": line[:200]}
-        )
-        return StepResult(section, view.id, recorded=True)
-
-    def _hosts(self, pattern: str) -> tuple[HostRef, ...]:
-        names = self.jobs.inventory.resolve(pattern)
-        groups: dict[str, list[str]] = {}
-        for group, members in self.jobs.inventory.groups().items():
-            for member in members:
-                groups.setdefault(member, []).append(group)
-        return tuple(HostRef(n, tuple(groups.get(n, ()))) for n in names)
-
-    def _decide(self, identity: Identity, request: Request) -> None:
-        decision = self.trust.policy.decide(identity, request)
-        self.trust.audit.decision(identity, request, decision)
-        if not decision.allowed:
-            raise AuthError(f"not allowed: {decision.reason}", reason="denied")
-
-    def _job_for(self, identity: Identity, job_id: str, action: str) -> JobView:
-        view = self.jobs.manager.get(job_id)
-        self._decide(identity, Request(action, job_owner=view.owner))  # type: ignore[arg-type]
-        return view
+    def _commands(self, account: MailAccount, key: str, parsed: ParseResult, identity: Identity,
+                  thread: Thread, signed: _Signed) -> list[Section]:
+        """A mail is one request: every line is decided first; if any is not understood or not
+        allowed, nothing in the mail runs and the reply gives every line's reason."""
+        done = sql.steps_of(self.store, account.name, key)
+        plans: dict[int, _JobStep | _ReadStep] = {}
+        sections: dict[int, Section] = {}
+        for idx, entry in enumerate(parsed.entries):
+            if idx in done:
+                sections[idx] = Section.from_dict(done[idx].section)
+            elif isinstance(entry, CommandError):
+                sections[idx] = Section(entry.line, "error", entry.message, example=entry.example)
+            else:
+                try:
+                    plans[idx] = self._plan(entry, identity, signed)
+                except CarrierError as exc:
+                    sections[idx] = Section(entry.line, "error" if not isinstance(exc, Denied) else "denied",
+                                            str(exc), example=_example_for(entry, exc))
+        refused = [i for i in sections if i not in done]
+        if refused and not done:
+            for idx, entry in enumerate(parsed.entries):
+                if idx in plans:
+                    sections[idx] = Section(entry.line, "skipped", "not run: this mail is one request, and "
+                                            f"line {refused[0] + 1} was refused; fix it and send the whole "
+                                            "mail again (signed anew)")
+            return [sections[i] for i in range(len(parsed.entries))]
+        for idx, entry in enumerate(parsed.entries):
+            if idx in plans:
+                assert isinstance(entry, Command)
+                sections[idx] = self._run_step(account, key, idx, entry, plans[idx], thread, identity)
+        return [sections[i] for i in range(len(parsed.entries))]
 
     def _playbooks_for(self, identity: Identity) -> list[str]:
-        role = self.config.roles.get(identity.role)
-        if role is None:
-            return []
-        out = []
-        for info in self.jobs.catalog.list():
-            if info.admin_only and not identity.admin:
-                continue
-            if any(
-                fnmatch.fnmatchcase(info.name, g) or fnmatch.fnmatchcase(f"{info.name}.yml", g)
-                for g in role.playbooks
-            ):
-                out.append(f"{info.name:<20} {info.description}")
-        return out
-
-    def _execute(
-        self, cmd: Command, identity: Identity, raw: bytes, message_key: str, received_at: float, step: _Step
-    ) -> StepResult:
-        manager = self.jobs.manager
-        verb = cmd.verb
-        if verb == "run":
-            assert cmd.playbook is not None
-            info = self.jobs.catalog.get(cmd.playbook)
-            if info is None:
-                raise CarrierError(
-                    f"no playbook named {cmd.playbook!r}: `playbooks` lists the ones you may run"
-                )
-            if info.admin_only and not identity.admin:
-                raise AuthError(f"not allowed: playbook {info.name} is for admins only")
-            pattern = cmd.pattern or info.default_limit or "all"
-            hosts = self._hosts(pattern)
-            self._decide(identity, Request("playbook", hosts, playbook=info.name))
-            options: dict[str, Any] = {
-                "limit": pattern,
-                "extra_vars": dict(cmd.extra_vars),
-                "check": cmd.check,
-                "diff": cmd.diff,
-            }
-            if cmd.tags:
-                options["tags"] = list(cmd.tags)
-            names = ", ".join(h.name for h in hosts)
-            name = info.name
-            return self._submit(
-                step,
-                identity,
-                cmd.line,
-                lambda: manager.run_playbook(name, owner=identity.name, door="mail", **options),
-                lambda v: (
-                    f"accepted, job {v.id}: playbook {name} on {names}. The result follows in this thread."
-                ),
-            )
-        if verb == "exec":
-            assert cmd.pattern is not None
-            hosts = self._hosts(cmd.pattern)
-            self._decide(identity, Request("exec", hosts, command=" ".join(cmd.argv)))
-            pattern, argv = cmd.pattern, list(cmd.argv)
-            names = ", ".join(h.name for h in hosts)
-            return self._submit(
-                step,
-                identity,
-                cmd.line,
-                lambda: manager.run_exec(pattern, argv, owner=identity.name, door="mail"),
-                lambda v: f"accepted, job {v.id}: exec on {names}. The result follows.",
-            )
-        if verb == "status":
-            assert cmd.job is not None
-            view = self._job_for(identity, cmd.job, "job_read")
-            return StepResult(
-                Section(cmd.line, "ok", f"job {view.id} is {view.status}", block=job_text(view))
-            )
-        if verb == "output":
-            assert cmd.job is not None
-            view = self._job_for(identity, cmd.job, "job_read")
-            events, _ = manager.output(view.id, 0, 10_000)
-            lines = replies.job_log(events).splitlines()
-            tail = cmd.tail or 200
-            shown = "\n".join(lines[-tail:])[-self.config.mail.body_limit :]
-            return StepResult(
-                Section(
-                    cmd.line,
-                    "ok",
-                    f"output of job {view.id} ({view.status}), last "
-                    f"{min(tail, len(lines))} of {len(lines)} lines",
-                    block=shown or "(none)",
-                )
-            )
-        if verb == "kill":
-            assert cmd.job is not None
-            self._job_for(identity, cmd.job, "job_control")
-            view = manager.kill(cmd.job, by=identity.name)
-            return StepResult(Section(cmd.line, "ok", f"job {view.id}: cancel requested ({view.status})"))
-        if verb == "jobs":
-            self._decide(identity, Request("inventory"))
-            views = manager.list_jobs(owner=None if identity.admin else identity.name, limit=20)
-            return StepResult(
-                Section(cmd.line, "ok", f"{len(views)} most recent job(s)", block=jobs_table(views))
-            )
-        if verb == "hosts":
-            self._decide(identity, Request("inventory"))
-            hosts = self._hosts(cmd.pattern or "all")
-            block = "\n".join(
-                f"{h.name:<16} {', '.join(g for g in h.groups if g not in ('all', 'ungrouped'))}"
-                for h in hosts
-            )
-            return StepResult(Section(cmd.line, "ok", f"{len(hosts)} host(s)", block=block))
-        if verb == "playbooks":
-            self._decide(identity, Request("inventory"))
-            books = self._playbooks_for(identity)
-            return StepResult(
-                Section(
-                    cmd.line,
-                    "ok",
-                    f"{len(books)} playbook(s) you may run",
-                    block="\n".join(books) or "(none)",
-                )
-            )
-        if verb == "help":
-            books = self._playbooks_for(identity)
-            return StepResult(
-                Section(
-                    cmd.line,
-                    "ok",
-                    "One command per line of the signed text:",
-                    block=GRAMMAR + "\n\nPlaybooks you may run:\n" + ("\n".join(books) or "(none)"),
-                )
-            )
-        if verb in ("job start", "job input", "job screen"):
-            return self._pty(cmd, identity, step)
-        if verb == "token":
-            issued = self.trust.issue_token_for(identity, ttl=cmd.ttl)
-            text = (
-                f"Your MCP bearer token (id {issued.record.id}, role {issued.record.role}):\n\n"
-                f"{issued.token}\n\nKeep it secret. `carrier token revoke {issued.record.id}` ends it."
-            )
-            return StepResult(
-                Section(
-                    cmd.line,
-                    "ok",
-                    f"token {issued.record.id} issued: it was sent to you in a separate encrypted mail",
-                ),
-                notices=[(identity.name, "Your Carrier token", text, identity.fingerprint)],
-            )
-        if verb == "enroll":
-            outcome = self.trust.enrollment.request(identity.name)
-            return StepResult(Section(cmd.line, "ok", outcome.reply))
-        if verb == "confirm":
-            code = cmd.code or ""
-            if len(code) == 32 and all(c in "0123456789abcdef" for c in code.lower()):
-                outcome = self.trust.enrollment.respond(raw, message_key=message_key, received_at=received_at)
-                return StepResult(
-                    Section(cmd.line, "ok", outcome.reply),
-                    notices=[(n.to, n.subject, n.text, None) for n in outcome.notices],
-                )
-            if self.proposer is None:
-                raise CarrierError("no proposal is waiting for this code")
-            proposal = self.proposer.take(identity, code)
-            return self._confirmed(proposal, identity, raw, message_key, received_at, step)
-        if verb in ("approve", "deny"):
-            outcome = self.trust.enrollment.admin_mail(raw, message_key=message_key, received_at=received_at)
-            return StepResult(
-                Section(cmd.line, "ok", outcome.reply),
-                notices=[(n.to, n.subject, n.text, None) for n in outcome.notices],
-            )
-        if verb == "revoke":
-            self._decide(identity, Request("admin"))
-            assert cmd.fingerprint is not None
-            outcome = self.trust.enrollment.revoke(cmd.fingerprint, by=identity.name, door="mail")
-            return StepResult(
-                Section(cmd.line, "ok", outcome.reply),
-                notices=[(n.to, n.subject, n.text, None) for n in outcome.notices],
-            )
-        raise CarrierError(f"`{verb}` is not handled by this Carrier")
+        return [f"{info.name:<20} {info.description}" for info in self.ops.playbooks(identity)]
 
     def llm_context(self, identity: Identity) -> str:
         """What the LLM is told besides the grammar: the playbooks this user may run (with their
         variables) and the inventory groups. No secrets, no host variables."""
         books = []
-        for line in self._playbooks_for(identity):
-            info = self.jobs.catalog.get(line.split(" ", 1)[0])
-            names = sorted(info.vars) if info is not None else []
+        for info in self.ops.playbooks(identity):
+            names = sorted(info.vars)
             extra = f" (variables: {', '.join(names)})" if names else ""
-            books.append(f"- {line.strip()}{extra}")
-        groups = self.jobs.inventory.groups()
+            books.append(f"- {info.name:<20} {info.description}".rstrip() + extra)
+        groups = self.ops.groups(identity)
         group_lines = [f"- {g}: {', '.join(h)}" for g, h in sorted(groups.items()) if g != "ungrouped"]
         return (
             "Playbooks this user may run:\n"
@@ -658,71 +484,219 @@ class MailDoor:
         )
 
     def check_proposal(self, identity: Identity, cmd: Command) -> None:
-        """Whether ``identity`` may run ``cmd`` now (catalog and policy; nothing is started).
-        Raises CarrierError/AuthError with the reason."""
-        if cmd.verb == "run":
-            assert cmd.playbook is not None
-            info = self.jobs.catalog.get(cmd.playbook)
-            if info is None:
-                raise CarrierError(f"no playbook named {cmd.playbook!r}")
-            if info.admin_only and not identity.admin:
-                raise AuthError(f"not allowed: playbook {info.name} is for admins only")
-            hosts = self._hosts(cmd.pattern or info.default_limit or "all")
-            self._decide(identity, Request("playbook", hosts, playbook=info.name))
-        elif cmd.verb == "exec":
-            assert cmd.pattern is not None
-            hosts = self._hosts(cmd.pattern)
-            self._decide(identity, Request("exec", hosts, command=" ".join(cmd.argv)))
-        elif cmd.verb in ("status", "output"):
-            assert cmd.job is not None
-            self._job_for(identity, cmd.job, "job_read")
-        elif cmd.verb in ("jobs", "hosts", "playbooks"):
-            self._decide(identity, Request("inventory"))
-        elif cmd.verb != "help":
+        """Whether ``identity`` may run ``cmd`` now (decided and audited; nothing is started).
+        Raises CarrierError with the reason."""
+        if cmd.verb not in PROPOSABLE:
             raise AuthError(f"`{cmd.verb}` is never proposed")
+        self._plan(cmd, identity, _Signed(b"", "", 0.0))
 
-    def _confirmed(
-        self,
-        proposal: Command,
-        identity: Identity,
-        raw: bytes,
-        message_key: str,
-        received_at: float,
-        step: _Step,
-    ) -> StepResult:
-        """A confirmed proposal runs like the command it is (the signed confirm mail authorises it)."""
-        return self._execute(proposal, identity, raw, message_key, received_at, step)
 
-    def _pty(self, cmd: Command, identity: Identity, step: _Step) -> StepResult:
-        manager = self.jobs.manager
-        if "pty" not in manager.engines:
-            raise CarrierError(f"`{cmd.verb}` is not available: this Carrier runs no terminal (pty) jobs yet")
-        if cmd.verb == "job start":
-            assert cmd.pattern is not None
-            hosts = self._hosts(cmd.pattern)
-            self._decide(identity, Request("pty", hosts, command=" ".join(cmd.argv)))
-            request = {"host": cmd.pattern, "command": list(cmd.argv)}
-            host = cmd.pattern
-            return self._submit(
-                step,
-                identity,
-                cmd.line,
-                lambda: manager.submit("pty", request, owner=identity.name, door="mail"),
-                lambda v: (
-                    f"accepted, terminal job {v.id} on {host}: send `job screen {v.id}` to see its screen"
-                ),
-            )
-        assert cmd.job is not None
-        self._job_for(identity, cmd.job, "job_control" if cmd.verb == "job input" else "job_read")
-        screen_of: Callable[..., str] | None = getattr(manager.engines["pty"], "screen_text", None)
-        send: Callable[..., None] | None = getattr(manager.engines["pty"], "send_input", None)
-        if cmd.verb == "job input":
-            if send is None:
-                raise CarrierError("`job input` is not available with this pty engine")
-            send(cmd.job, keys=list(cmd.keys), text=cmd.text)
-            time.sleep(0.5)  # let the screen settle before it is shown
-        screen = screen_of(cmd.job) if screen_of is not None else "(no screen available)"
-        return StepResult(Section(cmd.line, "ok", f"screen of job {cmd.job}", block=screen))
+# --------------------------------------------------------------------------- the verbs
+
+
+@dataclass(frozen=True)
+class _Signed:
+    """The signed mail a command came in (for verbs that verify it again: confirm)."""
+
+    raw: bytes
+    message_key: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class _JobStep:
+    """A decided line that starts a job (recorded in the job's transaction)."""
+
+    planned: Planned[JobView]
+    text: Callable[[JobView], str]
+    #: A block to show once it started (a terminal's screen), or None.
+    after: Callable[[JobView], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class _ReadStep:
+    planned: Planned[StepResult]
+
+
+def _read(planned: Planned[Any], fn: Callable[[Any], StepResult]) -> _ReadStep:
+    return _ReadStep(planned.then(fn))
+
+
+def _now(result: StepResult) -> _ReadStep:
+    """A line whose answer needs no decision (help)."""
+    return _ReadStep(Planned(Request("inventory"), Decision(True, "no decision"), lambda _: result))
+
+
+def _example_for(cmd: Command, exc: CarrierError) -> str | None:
+    return None if isinstance(exc, Denied) else EXAMPLES.get(cmd.verb)
+
+
+def _verb_run(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.playbook is not None
+    planned = door.ops.plan_playbook(who, cmd.playbook, limit=cmd.pattern, extra_vars=dict(cmd.extra_vars),
+                                     check=cmd.check, diff=cmd.diff, tags=cmd.tags)
+    names = ", ".join(h.name for h in planned.request.hosts)
+    book = planned.request.playbook
+    return _JobStep(planned, lambda v: f"accepted, job {v.id}: playbook {book} on {names}. "
+                                       "The result follows in this thread.")
+
+
+def _verb_exec(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.pattern is not None
+    planned = door.ops.plan_exec(who, cmd.pattern, list(cmd.argv))
+    names = ", ".join(h.name for h in planned.request.hosts)
+    return _JobStep(planned, lambda v: f"accepted, job {v.id}: exec on {names}. The result follows.")
+
+
+def _verb_status(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.job is not None
+    return _read(door.ops.plan_job(who, cmd.job), lambda view: StepResult(
+        Section(cmd.line, "ok", f"job {view.id} is {view.status}", block=job_text(view))))
+
+
+def _verb_output(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.job is not None
+    view, events, _ = door.ops.events(who, cmd.job, 0, 10_000)
+    lines = replies.job_log(events).splitlines()
+    tail = cmd.tail or 200
+    shown = "\n".join(lines[-tail:])[-door.config.mail.body_limit:]
+    text = f"output of job {view.id} ({view.status}), last {min(tail, len(lines))} of {len(lines)} lines"
+    return _now(StepResult(Section(cmd.line, "ok", text, block=shown or "(none)")))
+
+
+def _verb_kill(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.job is not None
+    return _read(door.ops.plan_kill(who, cmd.job), lambda view: StepResult(
+        Section(cmd.line, "ok", f"job {view.id}: cancel requested ({view.status})")))
+
+
+def _verb_jobs(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    views = door.ops.list_jobs(who, limit=20)
+    return _now(StepResult(Section(cmd.line, "ok", f"{len(views)} most recent job(s)",
+                                   block=jobs_table(views))))
+
+
+def _verb_hosts(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    hosts = door.ops.hosts(who, cmd.pattern or "all")
+    block = "\n".join(f"{h.name:<16} {', '.join(h.groups)}" for h in hosts)
+    return _now(StepResult(Section(cmd.line, "ok", f"{len(hosts)} host(s)", block=block)))
+
+
+def _verb_playbooks(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    books = door._playbooks_for(who)
+    return _now(StepResult(Section(cmd.line, "ok", f"{len(books)} playbook(s) you may run",
+                                   block="\n".join(books) or "(none)")))
+
+
+def _verb_help(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    books = door._playbooks_for(who)
+    block = GRAMMAR + "\n\nPlaybooks you may run:\n" + ("\n".join(books) or "(none)")
+    return _now(StepResult(Section(cmd.line, "ok", "One command per line of the signed text:", block=block)))
+
+
+#: How long a terminal's output must pause before its screen is put in a reply (it has drawn).
+SCREEN_SETTLE_MS = 400
+
+
+def _verb_job_start(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.pattern is not None
+    host = cmd.pattern
+    planned = door.ops.plan_pty_start(who, host, cmd.text or list(cmd.argv))
+
+    def after(view: JobView) -> str | None:
+        try:
+            return door.ops.own_watch(who, view).settled_screen(SCREEN_SETTLE_MS).framed()
+        except CarrierError as exc:
+            return f"(no screen yet: {exc})"
+
+    return _JobStep(planned, lambda v: f"accepted, terminal job {v.id} on {host}: reply `job input {v.id} "
+                                       f"keys ...` or `job screen {v.id}`; how it ends follows", after)
+
+
+def _verb_job_input(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.job is not None
+    job = cmd.job
+    planned = door.ops.plan_pty_type(who, job, cmd.text or "", list(cmd.keys), settle_ms=SCREEN_SETTLE_MS)
+    return _read(planned, lambda got: StepResult(Section(
+        cmd.line, "ok", f"screen of job {job} after the input ({got[0].status})", block=got[1].framed())))
+
+
+def _verb_job_screen(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.job is not None
+    return _read(door.ops.plan_pty_screen(who, cmd.job, settle_ms=SCREEN_SETTLE_MS), lambda got: StepResult(
+        Section(cmd.line, "ok", f"screen of job {got[0].id} ({got[0].status})", block=got[1].framed())))
+
+
+def _verb_token(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    issued = door.ops.token_for_mail(who, ttl=cmd.ttl)
+    text = (f"Your MCP bearer token (id {issued.record.id}, role {issued.record.role}):\n\n{issued.token}\n\n"
+            f"Keep it secret. `carrier token revoke {issued.record.id}` ends it.")
+    return _now(StepResult(
+        Section(cmd.line, "ok",
+                f"token {issued.record.id} issued: it was sent to you in a separate encrypted mail"),
+        notices=[(who.name, "Your Carrier token", text, who.fingerprint)]))
+
+
+def _notices(outcome: EnrollOutcome) -> list[tuple[str, str, str, str | None]]:
+    return [(n.to, n.subject, n.text, None) for n in outcome.notices]
+
+
+def _verb_enroll(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    outcome = door.ops.enroll_again(who)
+    return _now(StepResult(Section(cmd.line, "ok", outcome.reply)))
+
+
+def _verb_confirm(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    code = cmd.code or ""
+    if len(code) == 32 and all(c in "0123456789abcdef" for c in code.lower()):
+        outcome = door.ops.confirm_enrollment(signed.raw, message_key=signed.message_key,
+                                              received_at=signed.received_at)
+        return _now(StepResult(Section(cmd.line, "ok", outcome.reply), notices=_notices(outcome)))
+    if door.proposer is None:
+        raise CarrierError("no proposal is waiting for this code")
+    proposal: Command = door.proposer.take(who, code)
+    if proposal.verb not in PROPOSABLE:
+        raise AuthError(f"`{proposal.verb}` is never proposed")
+    # A confirmed proposal runs like the command it is (the signed confirm mail authorises it).
+    return door._plan(replace(proposal, line=cmd.line), who, signed)
+
+
+def _verb_approve(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.request is not None
+    outcome = door.ops.approve_enrollment(who, cmd.request, cmd.role)
+    return _now(StepResult(Section(cmd.line, "ok", outcome.reply), notices=_notices(outcome)))
+
+
+def _verb_deny(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.request is not None
+    outcome = door.ops.deny_enrollment(who, cmd.request)
+    return _now(StepResult(Section(cmd.line, "ok", outcome.reply), notices=_notices(outcome)))
+
+
+def _verb_revoke(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.fingerprint is not None
+    outcome = door.ops.revoke_key(who, cmd.fingerprint)
+    return _now(StepResult(Section(cmd.line, "ok", outcome.reply), notices=_notices(outcome)))
+
+
+Verb = Callable[[MailDoor, Command, Identity, _Signed], "_JobStep | _ReadStep"]
+#: Every verb of the grammar, each one call of the operations layer. A verb the grammar knows and
+#: this table does not is a test failure (tests/integration/test_ops_matrix.py).
+VERBS: dict[str, Verb] = {
+    "run": _verb_run, "exec": _verb_exec, "status": _verb_status, "output": _verb_output,
+    "kill": _verb_kill, "jobs": _verb_jobs, "hosts": _verb_hosts, "playbooks": _verb_playbooks,
+    "help": _verb_help, "job start": _verb_job_start, "job input": _verb_job_input,
+    "job screen": _verb_job_screen, "token": _verb_token, "enroll": _verb_enroll,
+    "confirm": _verb_confirm, "approve": _verb_approve, "deny": _verb_deny, "revoke": _verb_revoke,
+}
+#: What the optional LLM may propose (read-only verbs and runs; never admin or token verbs).
+PROPOSABLE = ("run", "exec", "status", "output", "jobs", "hosts", "playbooks", "help")
+
+
+def _last_screen(view: JobView) -> str | None:
+    """A terminal job's last screen (kept in its summary when it ended), for its result mail."""
+    screen = view.summary.get("screen") if view.kind == "pty" else None
+    return screen if isinstance(screen, str) and screen.strip() else None
 
 
 def key_hash(key: str) -> str:
@@ -764,7 +738,8 @@ class Notifier:
             domain = sender_domain(account.address)
             if view.done:
                 events, _ = door.jobs.manager.output(view.id, 0, 10_000)
-                body = replies.render_result(view, events, body_limit=door.config.mail.body_limit)
+                body = replies.render_result(view, events, body_limit=door.config.mail.body_limit,
+                                             screen=_last_screen(view))
                 msg_id, raw = door._mail(account, thread, body, message_id=f"<result.{view.id}@{domain}>")
                 with store.transaction():
                     store.outbox_put(account.name, msg_id, [thread.to], raw)

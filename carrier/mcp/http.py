@@ -29,15 +29,12 @@ import anyio
 import uvicorn
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp_types import CallToolResult, TextContent
 from pydantic import AnyHttpUrl
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from carrier.auth.errors import AuthError, RateLimited, TokenError
 from carrier.auth.netgate import HttpGuard, bearer_token
-from carrier.auth.policy import Decision, Identity
-from carrier.auth.policy import Request as PolicyRequest
+from carrier.auth.policy import Identity
 from carrier.auth.service import Trust
 from carrier.config import Config
 from carrier.errors import CarrierError
@@ -166,40 +163,6 @@ class GuardMiddleware:
             _admitted.reset(reset)
 
 
-class MailPolicy:
-    """Server middleware: an HTTP caller's ``mail_*`` tool calls go through the policy too (the role's
-    ``mail`` globs and the token's ``tools:`` scope); a denial is a tool error and nothing runs."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
-    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-        params = ctx.params or {}
-        name = params.get("name") if ctx.method == "tools/call" else None
-        if not (isinstance(name, str) and name.startswith("mail_")):
-            return await call_next(ctx)
-        scope = getattr(ctx.request, "scope", None)
-        identity = scope.get(IDENTITY_SCOPE_KEY) if isinstance(scope, dict) else None
-        if not isinstance(identity, Identity):
-            return _tool_error("not authenticated: this request carries no Carrier identity")
-        request = PolicyRequest("mail", tool=name)
-        trust = self.services.trust
-
-        def decide() -> Decision:
-            decision = trust.policy.decide(identity, request)
-            trust.audit.decision(identity, request, decision)
-            return decision
-
-        decision = await anyio.to_thread.run_sync(decide)
-        if not decision.allowed:
-            return _tool_error(f"denied: {decision.reason}")
-        return await call_next(ctx)
-
-
-def _tool_error(text: str) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
-
-
 def base_url(config: Config, *, plain: bool = False) -> str:
     host = config.mcp.bind_host
     shown = f"[{host}]" if ":" in host else host
@@ -219,7 +182,7 @@ def build_http_app(
         validate_token_resource=False,  # Carrier's tokens are its own: the guard checks them
     )
     server, context = build_server(
-        config, context=context, auth=auth, token_verifier=GuardVerifier(), middleware=[MailPolicy(services)]
+        config, context=context, auth=auth, token_verifier=GuardVerifier()
     )
     app = server.streamable_http_app(streamable_http_path=MCP_PATH, host=config.mcp.bind_host)
     return GuardMiddleware(app, services.trust), context

@@ -14,14 +14,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.context import ServerMiddleware
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
+from mcp_types import CallToolResult, TextContent
 
 from carrier import __version__
 from carrier.config import Config
 from carrier.mail.service import MailService
+from carrier.ops.runtime import Services
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,24 @@ class ServerContext:
 
     config: Config
     _mail: MailService | None = None
+    _services: Services | None = None
     _closers: list[Closer] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def services(self) -> Services:
+        """Store, trust, jobs and the operations layer (``carrier serve`` attaches its own)."""
+        with self._lock:
+            if self._services is None:
+                self._services = Services(self.config)
+                self._closers.append(self._services.close)
+            return self._services
+
+    def attach_services(self, services: Services, *, owned: bool = False) -> None:
+        with self._lock:
+            self._services = services
+            if owned:
+                self._closers.append(services.close)
 
     @property
     def mail(self) -> MailService:
@@ -105,10 +124,44 @@ def build_server(
         token_verifier=token_verifier,
         middleware=list(middleware),
     )
+    # Every mail_* tool call, through any transport, is decided (and audited) by the operations layer
+    # first: the mail tools themselves carry no policy.
+    server.middleware.append(MailDecisions(context))
     for name in modules:
         module = importlib.import_module(name)
         module.register(server, context)
     return server, context
+
+
+class MailDecisions:
+    """Server middleware: a ``mail_*`` tool call runs only when ``ops.mail_tool`` allows it for the
+    caller (the HTTP door's identity, or the local user over stdio); a denial is a tool error."""
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        params = ctx.params or {}
+        name = params.get("name") if ctx.method == "tools/call" else None
+        if not (isinstance(name, str) and name.startswith("mail_")):
+            return await call_next(ctx)
+        from carrier.mcp.tools_ops import identity_of
+        from carrier.ops.errors import OpsError
+
+        try:
+            identity = identity_of(ctx.request, self.context.config)
+        except Exception as exc:  # ToolError: no identity on an HTTP request
+            return _tool_error(str(exc))
+        ops = self.context.services.ops
+        try:
+            await anyio.to_thread.run_sync(ops.mail_tool, identity, name)
+        except OpsError as exc:
+            return _tool_error(str(exc))
+        return await call_next(ctx)
+
+
+def _tool_error(text: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
 
 
 def run_stdio(config: Config) -> None:

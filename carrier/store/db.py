@@ -44,6 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from carrier.errors import StoreError
+
+# One place for id formats; re-exported for the store's callers.
+from carrier.formats import check_enrollment_id as check_enrollment_id
+from carrier.formats import check_job_id as check_job_id
+from carrier.formats import check_token_id as check_token_id
 from carrier.store import schema
 from carrier.store.records import (
     AuditRecord,
@@ -61,10 +66,6 @@ DB_NAME = "carrier.db"
 DEFAULT_BUSY_TIMEOUT = 10.0
 MAX_PAGE = 10_000
 
-_ID_BODY = "[a-z2-7]{12}"
-JOB_ID_RE = re.compile(rf"j-{_ID_BODY}")
-ENROLLMENT_ID_RE = re.compile(rf"r-{_ID_BODY}")
-TOKEN_ID_RE = re.compile(rf"t-{_ID_BODY}")
 _SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -79,28 +80,6 @@ def new_id(prefix: str) -> str:
 
 def new_job_id() -> str:
     return new_id("j")
-
-
-def _check_id(value: object, pattern: re.Pattern[str], what: str, prefix: str) -> str:
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        shown = repr(value)
-        if len(shown) > 40:
-            shown = shown[:37] + "..."
-        raise ValueError(f"invalid {what} {shown}: expected {prefix}- and 12 characters a-z or 2-7")
-    return value
-
-
-def check_job_id(value: object) -> str:
-    """``value`` if it is a well-formed job id, else ValueError (never reaches SQL or a path)."""
-    return _check_id(value, JOB_ID_RE, "job id", "j")
-
-
-def check_enrollment_id(value: object) -> str:
-    return _check_id(value, ENROLLMENT_ID_RE, "enrollment request id", "r")
-
-
-def check_token_id(value: object) -> str:
-    return _check_id(value, TOKEN_ID_RE, "token id", "t")
 
 
 def _check_sha256_hex(value: object, what: str) -> str:

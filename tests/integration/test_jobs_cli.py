@@ -48,6 +48,20 @@ def config(sandbox: Sandbox, workdir: Path) -> Path:
                         playbook_dirs=[playbooks, BUNDLED])
 
 
+def _with_role(config: Path, role: str) -> Path:
+    """The same configuration (same state), the local user acting with ``role``."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    data = yaml.load(config.read_text())
+    data["mcp"]["stdio_role"] = role
+    path = config.with_name(f"carrier-{role}.yml")
+    with open(path, "w") as fh:
+        yaml.dump(data, fh)
+    path.chmod(0o600)
+    return path
+
+
 def cli(config: Path, *args: str) -> Result:
     return CliRunner().invoke(carrier, [args[0], "--config", str(config), *args[1:]], catch_exceptions=False)
 
@@ -113,10 +127,12 @@ def test_bad_input_is_one_line_and_exit_1(config: Path, args: list[str], message
     assert result.output.count("\n") == 1
 
 
-def test_missing_playbook_is_a_failed_job(config: Path) -> None:
+def test_missing_playbook_is_refused_before_any_job(config: Path) -> None:
+    before = cli(config, "jobs", "--json").output
     result = cli(config, "run", "nope", "--wait")
-    assert result.exit_code == 2
-    assert "== failed: missing playbook: no playbook named 'nope'" in result.output
+    assert result.exit_code == 1  # the same answer as by mail and MCP: a clear error, no job
+    assert "no playbook named 'nope'" in result.output
+    assert cli(config, "jobs", "--json").output == before
 
 
 @pytest.mark.parametrize("job_id", ["../../etc/passwd", "j-../../../x", "x"])
@@ -137,7 +153,11 @@ def test_exec_prints_each_host_and_exits_by_result(config: Path) -> None:
     failed = cli(config, "exec", "db1", "--", "sh", "-c", "echo bad >&2; exit 4")
     assert failed.exit_code == 2
     assert "== db1: failed (rc 4)" in failed.output and "-- stderr:\nbad" in failed.output
-    shell = cli(config, "exec", "--shell", "db1", "--", "echo $((2+2)) | tr 4 x")
+    # The CLI is decided by the policy too: the local user's role (mcp.stdio_role, default
+    # operator) has no shell, so --shell is refused; a role with a shell may.
+    refused = cli(config, "exec", "--shell", "db1", "--", "echo $((2+2)) | tr 4 x")
+    assert refused.exit_code == 1 and "not allowed: role operator may not use a shell" in refused.output
+    shell = cli(_with_role(config, "admin"), "exec", "--shell", "db1", "--", "echo $((2+2)) | tr 4 x")
     assert shell.exit_code == 0 and "\nx\n" in shell.output
     data = json.loads(cli(config, "exec", "--json", "web1", "--", "uname", "-s").output)
     assert data["job"]["status"] == "succeeded" and data["results"][0]["stdout"] == "Linux\n"
@@ -153,7 +173,7 @@ def test_jobs_show_output_and_kill(config: Path) -> None:
     thread.start()
     thread.join(120)
     assert killer["r"].exit_code == 0, killer["r"].output
-    assert f"{job_id} cancelled: cancelled by cli:" in killer["r"].output
+    assert f"{job_id} cancelled: cancelled by local:" in killer["r"].output
     show = cli_job(config, "show", job_id)
     assert "status   cancelled (cancelled)" in show.output and "hosts    db1" in show.output
     out = cli_job(config, "output", job_id, "--cursor", "2")

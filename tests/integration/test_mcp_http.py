@@ -179,7 +179,7 @@ def test_viewer_cannot_exec_and_nothing_runs(sandbox: Sandbox, door: HttpDoor, d
             text = error_of(
                 await client.call_tool("ssh_exec", {"host_or_pattern": "web1", "command": "touch /tmp/x"})
             )
-            assert "denied: role viewer may not run commands" in text
+            assert "not allowed: role viewer may not run commands" in text
             jobs = data_of(await client.call_tool("job_list", {}))
             assert jobs["jobs"] == []
             # The outside-the-role host and the unknown tool are refused the same way.
@@ -363,7 +363,7 @@ def test_mail_tools_follow_role_and_scope(sandbox: Sandbox, door: HttpDoor, door
             text = error_of(
                 await client.call_tool("mail_send", {"to": "x@example.test", "subject": "s", "body": "b"})
             )
-            assert "denied: role viewer may not use mail_send" in text
+            assert "not allowed: role viewer may not use mail_send" in text
         async with mcp_client(door.url, run_only, ca) as client:
             text = error_of(await client.call_tool("mail_inbox_list", {}))
             assert "scope does not include mail tools" in text

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from carrier.auth.policy import (
+    ACTIONS,
     METACHARACTERS,
+    SCOPE_OF_ACTION,
     HostRef,
     Identity,
     Policy,
@@ -177,9 +179,10 @@ def test_undefined_role_and_unknown_action() -> None:
 
 
 def test_scopes_narrow_tools_and_hosts() -> None:
-    token = who("operator", scopes=("tools:jobs", "hosts:web"), token_id="t-aaaaaaaaaaaa")
+    token = who("operator", scopes=("tools:run", "hosts:web"), token_id="t-aaaaaaaaaaaa")
     assert ok(token, Request("pty", (WEB1,), command="top", tool="job_start"))
-    assert "run tools" in reason(token, Request("exec", (WEB1,), command="uptime", tool="ssh_exec"))
+    assert ok(token, Request("exec", (WEB1,), command="uptime", tool="ssh_exec"))
+    assert "jobs tools" in reason(token, Request("job_read", job_owner="ops@example.test"))
     denied = reason(token, Request("pty", (DB1,), command="top", tool="job_start"))
     assert "scope does not cover db1" in denied
 
@@ -199,11 +202,30 @@ def test_token_cannot_do_admin_or_mint_tokens_and_unknown_scopes_deny() -> None:
 
 
 def test_tool_groups() -> None:
+    """The scope follows the action, not the tool's name: whatever runs a command is `run`."""
     assert tool_group(Request("mail", tool="mail_send")) == "mail"
-    assert tool_group(Request("pty", tool="job_start")) == "jobs"
+    assert tool_group(Request("pty", tool="job_start")) == "run"  # a terminal job runs a command
+    assert tool_group(Request("pty_input", tool="job_input")) == "run"  # so does typing into one
     assert tool_group(Request("exec", tool="ssh_exec")) == "run"
     assert tool_group(Request("playbook")) == "run"
     assert tool_group(Request("job_read")) == "jobs"
+    assert tool_group(Request("job_list", tool="job_list")) == "jobs"
+    assert tool_group(Request("admin")) is None and tool_group(Request("token")) is None
+    assert set(SCOPE_OF_ACTION) == set(ACTIONS)  # every action has its scope written down
+
+
+def test_jobs_scope_cannot_start_a_terminal_and_mail_scope_cannot_list_jobs() -> None:
+    jobs_token = who("operator", scopes=("tools:jobs",), token_id="t-aaaaaaaaaaaa")
+    assert "does not include run" in reason(jobs_token, Request("pty", (WEB1,), command="top"))
+    mail_token = who("operator", scopes=("tools:mail",), token_id="t-aaaaaaaaaaaa")
+    assert "does not include jobs" in reason(mail_token, Request("job_list"))
+
+
+def test_admin_only_playbooks_and_listing_rules() -> None:
+    book = Request("playbook", (WEB1,), playbook="service_restart", admin_only=True)
+    assert "for admins only" in reason(who("operator"), book)
+    assert "only an admin" in reason(who("operator"), Request("job_list", job_owner="someone@else"))
+    assert ok(who("operator"), Request("job_list"))
 
 
 def test_policy_object_uses_the_config_switch() -> None:

@@ -26,8 +26,8 @@ def test_run_with_every_option() -> None:
 
 def test_verbs_are_case_insensitive_arguments_keep_case() -> None:
     assert one("Exec web1 ls -la /Tmp").argv == ("ls", "-la", "/Tmp")
-    assert one("STATUS j-abcdefgh").job == "j-abcdefgh"
-    assert one("output j-abcdefgh TAIL 5").tail == 5
+    assert one("STATUS j-abcdefgh2345").job == "j-abcdefgh2345"
+    assert one("output j-abcdefgh2345 TAIL 5").tail == 5
     assert one("hosts").pattern is None and one("hosts web").pattern == "web"
 
 
@@ -56,12 +56,12 @@ def test_several_commands_keep_their_order_with_errors_between() -> None:
         ("run ping bogus", "unexpected 'bogus'", "run ping on web1"),
         ("run ping 'unterminated", "close every quote", "run ping on web1"),
         ("run ping 9x=1", "not a variable name", "run ping on web1"),
-        ("status 42", "not a job id", "status j-abcdefgh"),
-        ("kill", "needs a job id", "kill j-abcdefgh"),
-        ("output j-abcdefgh tail many", "number of lines", "output j-abcdefgh tail 50"),
+        ("status 42", "not a job id", "status j-abcdefgh2345"),
+        ("kill", "needs a job id", "kill j-abcdefgh2345"),
+        ("output j-abcdefgh2345 tail many", "number of lines", "output j-abcdefgh2345 tail 50"),
         ("exec web1", "needs a command", "exec web1 uptime"),
-        ("job dance j-abcdefgh", "job dance", "job start web1 top"),
-        ("job input j-abcdefgh", "keys or text", "job input j-abcdefgh keys Down,Enter"),
+        ("job dance j-abcdefgh2345", "job dance", "job start web1 top"),
+        ("job input j-abcdefgh2345", "keys or text", "job input j-abcdefgh2345 keys Down,Enter"),
         ("approve someone", "request id", "approve r-abcdefghijkl as operator"),
         ("revoke ABC", "40 hex digits", "revoke 0123456789ABCDEF0123456789ABCDEF01234567"),
         ("token 5", "60 or more", "token 86400"),
@@ -82,13 +82,13 @@ def test_errors_say_what_and_show_an_example(line: str, fragment: str, example: 
 def test_pty_verbs() -> None:
     start = one("job start web1 make menuconfig")
     assert (start.verb, start.pattern, start.argv) == ("job start", "web1", ("make", "menuconfig"))
-    keys = one("job input j-abcdefgh keys Down,Down,Enter")
+    keys = one("job input j-abcdefgh2345 keys Down,Down,Enter")
     assert keys.keys == ("Down", "Down", "Enter") and keys.text is None
-    text = one("job input j-abcdefgh hello world")
+    text = one("job input j-abcdefgh2345 hello world")
     assert text.text == "hello world" and not text.keys
-    both = one("job input j-abcdefgh keys C-c text q")
+    both = one("job input j-abcdefgh2345 keys C-c text q")
     assert both.keys == ("C-c",) and both.text == "q"
-    assert one("job screen j-abcdefgh").verb == "job screen"
+    assert one("job screen j-abcdefgh2345").verb == "job screen"
 
 
 def test_admin_and_enrollment_verbs() -> None:

@@ -1,11 +1,13 @@
-"""The operations tools' pure parts: byte caps that say when they cut, the stdio identity."""
+"""The operations layer's pure parts: byte caps that say when they cut, the local identity."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from carrier.config import Config, McpSettings, Role
-from carrier.mcp.tools_ops import _clip_event, _clip_text, _split, local_identity
+from carrier.ops.identity import local_identity
+from carrier.ops.pages import _clip_event
+from carrier.ops.pages import clip_text as _clip_text
 
 
 def test_clip_text_counts_bytes_and_keeps_utf8_whole() -> None:
@@ -23,12 +25,12 @@ def test_clip_event_flags_what_it_cut() -> None:
     assert same == {"stdout": "ok"} and not cut
 
 
-def test_split_and_local_identity(tmp_path: Path) -> None:
-    assert _split("echo 'a b' c") == ["echo", "a b", "c"]
+def test_local_identity(tmp_path: Path) -> None:
     config = Config(path=tmp_path / "c.yml", state_dir=tmp_path, inventory=tmp_path, gnupg_home=tmp_path,
                     accounts=())
     me = local_identity(config)
-    assert me.name.startswith("local:") and me.role == "operator" and me.door == "mcp"
+    assert me.name.startswith("local:") and me.role == "operator" and me.door == "mcp" and me.local
+    assert local_identity(config, door="cli").door == "cli"  # the CLI is the same local user
     only = Config(path=tmp_path / "c.yml", state_dir=tmp_path, inventory=tmp_path, gnupg_home=tmp_path,
                   accounts=(), roles={"ops": Role(exec=True)})
     assert local_identity(only).role == "ops"
