@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from carrier.ansible.errors import EngineError
+from carrier.procid import process_start as process_start  # re-exported for the job manager
 
 IDENT = "run"
 SPEC_FILE = "spec.json"
@@ -139,25 +140,6 @@ class ProcessId:
 
     def alive(self) -> bool:
         return process_start(self.pid) == self.start
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown-boot"
-
-
-def process_start(pid: int) -> str | None:
-    """``<boot id>/<start time in ticks>`` of a live, non-zombie ``pid``; None when it is gone."""
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return f"{_boot_id()}/{fields[19]}"  # field 22 of stat; fields[] starts at field 3
 
 
 def _package_parent() -> str:

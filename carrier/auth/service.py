@@ -6,20 +6,19 @@ Parts that need gpg (keyring, key finder, mail authentication) are made on first
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import cached_property
 
 from carrier.auth.audit import Audit
 from carrier.auth.directory import Directory
 from carrier.auth.enrollment import Enrollment
-from carrier.auth.errors import AuthError
 from carrier.auth.keyring import Keyring
 from carrier.auth.keyserver import KeyFinder
 from carrier.auth.mailauth import MailAuthenticator
 from carrier.auth.netgate import HttpGuard, NetGate
-from carrier.auth.policy import Identity, Policy, Request
+from carrier.auth.policy import Policy
 from carrier.auth.ratelimit import RateLimiter
-from carrier.auth.tokens import IssuedToken, Tokens
+from carrier.auth.tokens import Tokens
 from carrier.config import Config
 from carrier.store import Store
 
@@ -84,25 +83,3 @@ class Trust:
     def http_guard(self) -> HttpGuard:
         gate = NetGate(self.config.mcp.ip_allow, self.config.mcp.ip_deny)
         return HttpGuard(gate, self.tokens, self.limiter)
-
-    def issue_token_for(
-        self, identity: Identity, *, ttl: int | None = None, scopes: Sequence[str] = ()
-    ) -> IssuedToken:
-        """The mail command ``token``: a token for an authenticated sender, to be sent encrypted.
-
-        Refused (before anything is stored) when the policy says no or when the sender's key
-        cannot receive encrypted mail: a token is never sent in clear text.
-        """
-        decision = self.policy.decide(identity, Request("token"))
-        self.audit.decision(identity, Request("token"), decision)
-        if not decision.allowed:
-            raise AuthError(decision.reason, reason="denied")
-        key = self.keyring.key(identity.fingerprint) if identity.fingerprint else None
-        if key is None or not key.can_encrypt or key.revoked or key.expired(self.clock()):
-            raise AuthError("your key has no usable encryption subkey: add one, then ask again "
-                            "(a token is only ever sent encrypted)", reason="unusable")
-        issued = self.tokens.issue(identity.name, identity.role, scopes=scopes, ttl=ttl)
-        self.audit.record(identity.name, identity.door, "token:issue", target=issued.record.id,
-                          outcome="issued", detail={"role": identity.role, "scopes": list(scopes),
-                                                    "expires_at": issued.record.expires_at})
-        return issued

@@ -141,7 +141,7 @@ def run_command(config_path: Path | None, playbook: str, limit: str | None, extr
                 tags: str | None, skip_tags: str | None, check: bool, diff: bool, forks: int | None,
                 timeout: int | None, wait: bool, junit: Path | None, as_json: bool) -> None:
     """Run PLAYBOOK from the playbook directories as a job."""
-    from carrier.ansible.catalog import parse_assignments
+    from carrier.ops import parse_assignments
 
     options: dict[str, Any] = {"extra_vars": parse_assignments(extra_vars), "check": check, "diff": diff,
                                "limit": limit, "forks": forks, "timeout": timeout,

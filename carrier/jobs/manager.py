@@ -219,14 +219,14 @@ def _replace_cursor(run: JobRunRecord, cursor: int) -> JobRunRecord:
 
 
 def _self_supervisor() -> tuple[int, str]:
-    from carrier.ansible.runner import process_start
+    from carrier.procid import process_start
 
     pid = os.getpid()
     return pid, process_start(pid) or "unknown"
 
 
 def _supervisor_alive(run: JobRunRecord) -> bool:
-    from carrier.ansible.runner import process_start
+    from carrier.procid import process_start
 
     if run.supervisor_pid is None:
         return False

@@ -37,19 +37,11 @@ import click
 
 from carrier.clikit import config_option as _config_option
 from carrier.clikit import friendly as _friendly
+from carrier.errors import CarrierError
 from carrier.jobs import keys as keymod
 from carrier.jobs.cli import EXIT_FAILED, CliOps, _json_option, open_ops
-from carrier.jobs.pty import (
-    DEFAULT_COLS,
-    DEFAULT_ROWS,
-    DEFAULT_TERM,
-    MAX_COLS,
-    MAX_ROWS,
-    MIN_COLS,
-    MIN_ROWS,
-    PtyError,
-)
 from carrier.jobs.screen import ScreenView
+from carrier.ops import DEFAULT_COLS, DEFAULT_ROWS, DEFAULT_TERM, MAX_COLS, MAX_ROWS, MIN_COLS, MIN_ROWS
 from carrier.ops.service import Watch
 
 SETTLE_MS = 300
@@ -110,7 +102,7 @@ def start_command(config_path: Path | None, shell: bool, term: str, cols: int | 
         watch = cli.ops.own_watch(cli.who, view)
         live = None
         if not watch.get().done:
-            with contextlib.suppress(PtyError):  # queued: it has no terminal yet
+            with contextlib.suppress(CarrierError):  # queued: it has no terminal yet
                 live = watch.handle()
         if live is None and watch.get().done:
             _follow_output(watch)  # it ended already: its output and how it ended

@@ -78,14 +78,14 @@ _REFUSED_DEFAULT = "Carrier could not accept the signature of this mail: sign it
 
 def owner_token() -> str:
     """This process's lease owner name: pid, the process's start identity, and a random part."""
-    from carrier.ansible.runner import process_start
+    from carrier.procid import process_start
 
     return f"{os.getpid()}|{process_start(os.getpid()) or 'unknown'}|{uuid.uuid4().hex[:12]}"
 
 
 def owner_alive(owner: str) -> bool:
     """Whether the process named in a lease owner still runs (on this machine: same boot id)."""
-    from carrier.ansible.runner import process_start
+    from carrier.procid import process_start
 
     pid, _, rest = owner.partition("|")
     start = rest.rpartition("|")[0]

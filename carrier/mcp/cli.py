@@ -116,8 +116,8 @@ def remote_run(ctx: click.Context, playbook: str, limit: str | None, extra_vars:
     """Run PLAYBOOK on the remote Carrier; exit 0 success, 2 failed hosts, 4 unreachable, 1 errors."""
     import anyio
 
-    from carrier.ansible.catalog import parse_assignments
     from carrier.mcp import remote as rem
+    from carrier.ops import parse_assignments
 
     opts = ctx.obj
     try:

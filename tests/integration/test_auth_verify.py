@@ -37,6 +37,8 @@ from carrier.auth.errors import AuthError, VerificationError
 from carrier.auth.mailauth import Authenticated
 from carrier.auth.policy import Identity
 from carrier.config import User
+from carrier.jobs.system import JobSystem
+from carrier.ops import Ops, OpsError
 from carrier.sandbox.layout import LOOPBACK
 from carrier.sandbox.manager import Sandbox
 
@@ -471,9 +473,18 @@ def test_concurrent_verifications_do_not_interfere(world: World, people: People)
 # --------------------------------------------------------------------------- the mail command `token`
 
 
+def _ops(world: World) -> Ops:
+    """The operations layer over this world's trust layer (these tests start no job)."""
+
+    def no_jobs() -> JobSystem:
+        raise AssertionError("a token operation must not need the job system")
+
+    return Ops(world.config, world.store, world.trust.policy, world.trust.audit, no_jobs, trust=world.trust)
+
+
 def test_token_by_mail_is_issued_only_to_a_key_that_can_decrypt(world: World, people: People) -> None:
     ok = authenticate(world, pgp_mime(people.ops, "token 3600\n"))
-    issued = world.trust.issue_token_for(ok.identity, ttl=3600)
+    issued = _ops(world).token_for_mail(ok.identity, ttl=3600)
     raw = pgp.encrypted_message(world.trust.keyring, pgp.text_part(f"Your MCP token: {issued.token}\n"),
                                 [("To", "ops@example.test")], people.ops.fingerprint,
                                 signer=carrier_fpr(world))
@@ -492,9 +503,9 @@ def test_token_by_mail_refused_without_an_encryption_key(world: World) -> None:
         world.trust.keyring.gpg.import_keys(signer.public_key())
         who = Identity("signonly@example.test", "operator", "mail", fingerprint=signer.fingerprint)
         before = len(world.trust.tokens.list_tokens("signonly@example.test"))
-        with pytest.raises(AuthError) as err:
-            world.trust.issue_token_for(who)
-        assert err.value.reason == "unusable" and "only ever sent encrypted" in str(err.value)
+        with pytest.raises(OpsError) as err:
+            _ops(world).token_for_mail(who)
+        assert "only ever sent encrypted" in str(err.value)
         assert len(world.trust.tokens.list_tokens("signonly@example.test")) == before
     finally:
         kf.close()
