@@ -236,5 +236,14 @@ def setup_logging(
     logger.addHandler(handler)
     logger.setLevel(number)
     logger.propagate = False
+    # Python warnings (a library's DeprecationWarning, say) become JSON lines too: stderr carries
+    # nothing but Carrier's log lines.
+    logging.captureWarnings(True)
+    py_warnings = logging.getLogger("py.warnings")
+    for old in list(py_warnings.handlers):
+        if getattr(old, _HANDLER_MARK, False):
+            py_warnings.removeHandler(old)
+    py_warnings.addHandler(handler)
+    py_warnings.propagate = False
     for secret in secrets:  # after the handler exists, so a too-short warning is visible
         add_secret(secret)

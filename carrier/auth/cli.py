@@ -1,13 +1,14 @@
 """`carrier enroll|token|audit`: the local admin's view of the trust layer.
 
 Register with ``main.add_command(enroll)``, ``main.add_command(token)``, ``main.add_command(audit)``.
-A local admin is whoever can read carrier.yml and the state directory; actions are audited with
-the door ``cli`` and the actor ``cli:<unix user>``.
+A local admin is whoever can read carrier.yml and the state directory: enrollment and token commands
+are operations of :mod:`carrier.ops` as the local user (``local:<unix user>``, door ``cli``), decided
+and audited like every door's.
 """
 
 from __future__ import annotations
 
-import getpass
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -17,9 +18,8 @@ from pathlib import Path
 
 import click
 
-from carrier.auth.errors import AuthError
 from carrier.auth.service import Trust
-from carrier.clikit import config_option, friendly
+from carrier.clikit import CliOps, config_option, friendly, open_ops
 from carrier.config import load_config, resolve_config_path
 from carrier.store import ENROLLMENT_STATES, Store
 
@@ -34,11 +34,9 @@ def _trust(config_path: Path | None) -> Iterator[Trust]:
         store.close()
 
 
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return f"cli:uid{os.getuid()}"
+def _ops(config_path: Path | None) -> contextlib.AbstractContextManager[CliOps]:
+    """The operations layer as the local user (no job system is started for these commands)."""
+    return open_ops(config_path, start=False, log_warnings=False)
 
 
 def _when(ts: float | None) -> str:
@@ -68,9 +66,9 @@ def enroll() -> None:
 @friendly
 def enroll_list(config_path: Path | None, states: tuple[str, ...], show_all: bool) -> None:
     """List enrollment requests, newest first."""
-    with _trust(config_path) as trust:
+    with _ops(config_path) as cli:
         chosen = None if show_all else (list(states) or ["requested", "challenged", "verified"])
-        records = trust.local_enrollment.pending(chosen)
+        records = cli.ops.enrollments(cli.who, chosen)
     if not records:
         click.echo("no enrollment requests")
         return
@@ -86,8 +84,8 @@ def enroll_list(config_path: Path | None, states: tuple[str, ...], show_all: boo
 @friendly
 def enroll_approve(config_path: Path | None, request_id: str, role: str | None) -> None:
     """Approve a confirmed request (exit 1 if it cannot be approved)."""
-    with _trust(config_path) as trust:
-        outcome = trust.local_enrollment.approve(request_id, by=_actor(), door="cli", role=role)
+    with _ops(config_path) as cli:
+        outcome = cli.ops.approve_enrollment(cli.who, request_id, role)
     _finish(outcome.status, outcome.reply, ("approved",))
 
 
@@ -97,8 +95,8 @@ def enroll_approve(config_path: Path | None, request_id: str, role: str | None) 
 @friendly
 def enroll_deny(config_path: Path | None, request_id: str) -> None:
     """Deny an open request."""
-    with _trust(config_path) as trust:
-        outcome = trust.local_enrollment.deny(request_id, by=_actor(), door="cli")
+    with _ops(config_path) as cli:
+        outcome = cli.ops.deny_enrollment(cli.who, request_id)
     _finish(outcome.status, outcome.reply, ("denied",))
 
 
@@ -108,8 +106,8 @@ def enroll_deny(config_path: Path | None, request_id: str) -> None:
 @friendly
 def enroll_revoke(config_path: Path | None, fingerprint: str) -> None:
     """Revoke an enrolled key (also one listed in carrier.yml) and its owner's tokens."""
-    with _trust(config_path) as trust:
-        outcome = trust.local_enrollment.revoke(fingerprint, by=_actor(), door="cli")
+    with _ops(config_path) as cli:
+        outcome = cli.ops.revoke_key(cli.who, fingerprint)
     _finish(outcome.status, outcome.reply, ("revoked",))
 
 
@@ -133,16 +131,9 @@ def token() -> None:
 def token_issue(config_path: Path | None, owner: str, role: str | None, scopes: tuple[str, ...],
                 ttl: int | None) -> None:
     """Issue a token for OWNER and print it once (only its hash is kept)."""
-    with _trust(config_path) as trust:
-        if role is None:
-            identity = trust.directory.identity(owner, door="mcp")
-            if identity is None:
-                raise AuthError(f"{owner} is not enrolled: name a role with --role", reason="bad_request")
-            role = identity.role
-        issued = trust.tokens.issue(owner, role, scopes=scopes, ttl=ttl)
-        trust.audit.record(_actor(), "cli", "token:issue", target=issued.record.id, outcome="issued",
-                           detail={"owner": owner, "role": role, "scopes": list(scopes),
-                                   "expires_at": issued.record.expires_at})
+    with _ops(config_path) as cli:
+        issued = cli.ops.token_issue(cli.who, owner, role, scopes=scopes, ttl=ttl)
+        role = issued.record.role
     click.echo(issued.token)
     expires = _when(issued.record.expires_at)
     click.echo(f"id {issued.record.id}, owner {owner}, role {role}, expires {expires} UTC: "
@@ -155,9 +146,9 @@ def token_issue(config_path: Path | None, owner: str, role: str | None, scopes: 
 @friendly
 def token_list(config_path: Path | None, owner: str | None) -> None:
     """List tokens (never the tokens themselves), newest first."""
-    with _trust(config_path) as trust:
-        records = trust.tokens.list_tokens(owner)
-        now = trust.store.clock()
+    with _ops(config_path) as cli:
+        records = cli.ops.token_list(cli.who, owner)
+        now = cli.ops.store.clock()
     if not records:
         click.echo("no tokens")
         return
@@ -174,13 +165,8 @@ def token_list(config_path: Path | None, owner: str | None) -> None:
 @friendly
 def token_revoke(config_path: Path | None, token_id: str) -> None:
     """Revoke a token by its id (t-...)."""
-    with _trust(config_path) as trust:
-        try:
-            done = trust.tokens.revoke(token_id)
-        except ValueError as exc:
-            raise AuthError(str(exc), reason="bad_request") from None
-        trust.audit.record(_actor(), "cli", "token:revoke", target=token_id,
-                           outcome="revoked" if done else "unchanged")
+    with _ops(config_path) as cli:
+        done = cli.ops.token_revoke(cli.who, token_id)
     if not done:
         click.echo(f"no live token {token_id}")
         sys.exit(1)

@@ -18,23 +18,18 @@ Exit status: 0 when the job succeeded, 2 when it ended otherwise (failed, cancel
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from carrier.auth.policy import Identity
+from carrier.clikit import CliOps, open_ops
 from carrier.clikit import config_option as _config_option
 from carrier.clikit import friendly as _friendly
 from carrier.jobs.manager import JobView
-from carrier.ops import Ops
 
 EXIT_FAILED = 2
 
@@ -46,32 +41,6 @@ def cli_owner() -> str:
     from carrier.ops.identity import local_user
 
     return f"local:{local_user()}"
-
-
-@dataclass
-class CliOps:
-    """The operations layer and the local identity, for one CLI command."""
-
-    ops: Ops
-    who: Identity
-
-
-@contextlib.contextmanager
-def open_ops(config_path: Path | None, *, start: bool = True) -> Iterator[CliOps]:
-    """Config, store, trust and the operations layer for one CLI command; closed (jobs handed back)
-    at the end."""
-    from carrier.config import load_config, resolve_config_path
-    from carrier.log import setup_logging
-    from carrier.ops.identity import local_identity
-    from carrier.ops.runtime import Services
-
-    config = load_config(resolve_config_path(config_path, os.environ), os.environ)
-    setup_logging("WARNING", secrets=config.secrets())
-    services = Services(config, start_jobs=start)
-    try:
-        yield CliOps(services.ops, local_identity(config, door="cli"))
-    finally:
-        services.close()
 
 
 def _dump(value: Any) -> None:

@@ -35,11 +35,12 @@ from typing import Any
 
 import click
 
+from carrier.clikit import CliOps, open_ops
 from carrier.clikit import config_option as _config_option
 from carrier.clikit import friendly as _friendly
 from carrier.errors import CarrierError
 from carrier.jobs import keys as keymod
-from carrier.jobs.cli import EXIT_FAILED, CliOps, _json_option, open_ops
+from carrier.jobs.cli import EXIT_FAILED, _json_option
 from carrier.jobs.screen import ScreenView
 from carrier.ops import DEFAULT_COLS, DEFAULT_ROWS, DEFAULT_TERM, MAX_COLS, MAX_ROWS, MIN_COLS, MIN_ROWS
 from carrier.ops.service import Watch

@@ -30,7 +30,7 @@ from carrier.auth.policy import Decision, HostRef, Identity, Policy, Request
 from carrier.auth.tokens import IssuedToken
 from carrier.config import Config
 from carrier.errors import CarrierError
-from carrier.formats import FormatError, check_job_id, pattern_problem
+from carrier.formats import FormatError, check_job_id, check_token_id, pattern_problem
 from carrier.jobs.manager import JobView
 from carrier.jobs.pty import OutputRead, WaitResult
 from carrier.jobs.ptyengine import PtyJobs
@@ -571,10 +571,15 @@ class Ops:
                            "(a token is only ever sent encrypted)")
         return self._issue(who, who.name, who.role, (), ttl)
 
-    def token_issue(self, who: Identity, owner: str, role: str, *, scopes: Sequence[str] = (),
+    def token_issue(self, who: Identity, owner: str, role: str | None = None, *, scopes: Sequence[str] = (),
                     ttl: int | None = None) -> IssuedToken:
-        """A token for ``owner`` (an admin's operation)."""
+        """A token for ``owner`` with ``role`` (default: the owner's enrolled role); an admin's operation."""
         self.decide(who, Request("admin"))
+        if role is None:
+            enrolled = self._trust().directory.identity(owner, door="mcp")
+            if enrolled is None:
+                raise OpsError(f"{owner} is not enrolled: name a role with --role")
+            role = str(enrolled.role)
         return self._issue(who, owner, role, scopes, ttl)
 
     def _issue(self, who: Identity, owner: str, role: str, scopes: Sequence[str],
@@ -594,10 +599,16 @@ class Ops:
         return tokens
 
     def token_revoke(self, who: Identity, token_id: str) -> bool:
-        self.decide(who, Request("admin"))
+        """Revoke a token by id; False when there was no live token with that id."""
+        request = Request("admin")
+        try:
+            check_token_id(token_id)
+        except FormatError as exc:
+            raise self.refuse(who, request, str(exc)) from None
+        self.decide(who, request)
         done = bool(self._trust().tokens.revoke(token_id))
         self.audit.record(who.name, who.door, "token:revoke", target=token_id,
-                          outcome="revoked" if done else "unknown")
+                          outcome="revoked" if done else "unchanged")
         return done
 
     def enroll_again(self, who: Identity) -> EnrollOutcome:

@@ -101,9 +101,10 @@ def test_audit_lists_and_verifies(cfg: Path) -> None:
     run(token, cfg, "issue", "ops@example.test")
     run(token, cfg, "issue", "ops@example.test", "--role", "viewer")
     code, out, _ = run(audit, cfg)
-    assert code == 0 and out.count("token:issue") == 2 and "cli:" in out
+    assert code == 0 and out.count("token:issue") == 2 and "local:" in out
+    assert out.count("decide:admin") == 2  # each issue is an admin operation, decided and audited
     code, out, _ = run(audit, cfg, "--verify")
-    assert (code, out) == (0, "audit chain ok: 2 rows\n")
+    assert (code, out) == (0, "audit chain ok: 4 rows\n")
     with sqlite3.connect(state(cfg) / DB_NAME) as conn:
         conn.execute("UPDATE audit SET outcome = 'nothing happened' WHERE id = 1")
     code, out, err = run(audit, cfg, "--verify")
