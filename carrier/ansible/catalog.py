@@ -35,6 +35,7 @@ from carrier.ansible.errors import ExtraVarsError, PatternError, PlaybookError
 from carrier.ansible.inventory import check_pattern
 from carrier.formats import PLAYBOOK_EXTENSIONS as _EXTENSIONS
 from carrier.formats import PLAYBOOK_NAME_RE as _NAME_RE
+from carrier.formats import playbook_stem
 
 _VAR_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 META_SUFFIX = ".meta.yml"
@@ -102,12 +103,8 @@ def check_playbook_name(name: object) -> str:
     """The bare name (``ping`` for ``ping.yml``), or PlaybookError for anything path-like."""
     if not isinstance(name, str) or not name.strip():
         raise PlaybookError("the playbook name is empty: name one from `carrier playbooks`")
-    bare = name
-    for ext in _EXTENSIONS:
-        if bare.endswith(ext):
-            bare = bare[: -len(ext)]
-            break
-    if _NAME_RE.fullmatch(bare) is None or bare.endswith(".meta"):
+    bare = playbook_stem(name)
+    if bare is None:
         raise PlaybookError(
             f"invalid playbook name {name[:60]!r}: a playbook is named by its file name in a playbook "
             "directory (letters, digits, _ and -; no '/', no '..')"
