@@ -7,7 +7,6 @@ last test, against a real `carrier serve`."""
 from __future__ import annotations
 
 import email
-import json
 import time
 
 import pytest
@@ -219,19 +218,18 @@ def test_header_injection_in_a_variable_or_the_subject_goes_nowhere(door: LocalD
     assert "\nBcc:" not in head and "\nX-Injected:" not in head
     assert "\r" not in str(reply["Subject"]) and "\n" not in str(reply["Subject"])
     text = text_of(reply)
-    assert "accepted, job j-" in text  # the first half ran as a normal command
-    assert f"> Bcc: {evil}" in text  # the rest is quoted in the body as a line not understood
-    job_id = text.split("accepted, job ")[1].split(":")[0]
-    assert door.wait_job(job_id).done
-    ((spec,),) = db_rows(door.directory / "state", "SELECT spec FROM jobs WHERE id = ?", (job_id,))
-    assert json.loads(spec)["extra_vars"]["path"] == "/" and evil not in spec  # ends at the line break
+    # The rest is quoted in the body as a line not understood; a mail is one request, so the
+    # first half did not run either.
+    assert f"> Bcc: {evil}" in text and "not run: this mail is one request" in text
+    assert "accepted, job j-" not in text
+    assert not [r for r in door.jobs_rows() if evil in str(r[3])]
     # A header-like value fails the variable's declared pattern: nothing runs, the answer says why.
     raw2 = pgp_mime(ops, unique(f"run service_status on web1 'service=x Bcc: {evil}'"), subject="quoted")
     assert door.handle(raw2) == "answered"
     (reply2,) = door.replies_to(message_id(raw2))
     assert reply2["Bcc"] is None and reply2["To"] == address("ops")
     assert "service" in text_of(reply2) and "accepted" not in text_of(reply2)
-    assert len(door.jobs_rows()) == 1
+    assert door.jobs_rows() == []  # nothing ran: neither mail started a job
 
 
 # --------------------------------------------------------------------------- signed and unsigned text

@@ -104,7 +104,7 @@ def test_remote_errors_exit_1(sandbox: Sandbox, door: HttpDoor, door_config: Con
     assert bad.returncode == 1 and "401" in bad.stderr
     token, _ = issue(door, "ci@example.test", "operator")
     missing = remote(door.url, token, "--ca-file", ca, "run", "no_such_book", "--wait")
-    assert missing.returncode == 1 and "no playbook 'no_such_book'" in missing.stderr
+    assert missing.returncode == 1 and "no playbook named 'no_such_book'" in missing.stderr
 
 
 def test_remote_unreachable_host_exit_4(sandbox: Sandbox, tmp_path: Path) -> None:
