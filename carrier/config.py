@@ -159,6 +159,9 @@ class Role:
     modules: tuple[str, ...] = ()
     #: MCP mail tools this role may call (globs over tool names, e.g. ``mail_*``).
     mail: tuple[str, ...] = ()
+    #: May target the Carrier controller itself: inventory hosts with ``connection: local`` or an
+    #: address of this machine, and catalog playbooks marked ``controller: true``. Off by default.
+    local: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -817,6 +820,7 @@ _ROLE: Mapping[str, _F] = {
     "pty": _F(_bool, False),
     "modules": _F(_list(_str), ()),
     "mail": _F(_list(_str), ()),
+    "local": _F(_bool, False),
 }
 
 

@@ -60,6 +60,8 @@ class HostRef:
 
     name: str
     groups: tuple[str, ...] = ()
+    #: The host is the Carrier controller (``Inventory.is_controller``): only a ``local`` role may target it.
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,8 @@ class Request:
     shell: bool = False  # the command is to run through a shell
     tool: str | None = None  # the MCP tool name, when the request comes through MCP
     job_owner: str | None = None  # for job_read / job_control
+    #: The playbook runs tasks on the controller (catalog ``controller: true``): needs a ``local`` role.
+    controller: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,10 @@ def _hosts_problem(identity: Identity, role: Role, request: Request) -> str | No
     outside = [h.name for h in request.hosts if not host_in_pattern(h, role.hosts)]
     if outside:
         return f"role {identity.role} may not target {', '.join(sorted(outside))}"
+    local = [h.name for h in request.hosts if h.local]
+    if local and not role.local:
+        return (f"role {identity.role} may not target the Carrier controller ({', '.join(sorted(local))}): "
+                "that needs `local: true` on the role")
     host_scopes = [s[len("hosts:"):] for s in identity.scopes or () if s.startswith("hosts:")]
     if host_scopes:
         beyond = [h.name for h in request.hosts if not any(host_in_pattern(h, p) for p in host_scopes)]
@@ -232,6 +240,9 @@ def decide(
         book = request.playbook or ""
         if not book or not _playbook_allowed(book, role.playbooks):
             return _no(f"role {name} may not run playbook {book or '(none)'}")
+        if request.controller and not role.local:
+            return _no(f"playbook {book} runs tasks on the Carrier controller: role {name} "
+                       "needs `local: true` to run it")
         return _first([_hosts_problem(identity, role, request)], f"role {name} allows {book}")
     if action == "adhoc":
         module = request.module or ""
