@@ -3,7 +3,9 @@
 Roles come from carrier.yml (playbook globs, a host pattern, ad-hoc modules, exec/shell/pty, MCP
 mail tools). A bearer token narrows its owner's role further with scopes (``tools:<group>``,
 ``hosts:<pattern>``); a scope is never a grant. Hosts are decided on the resolved target list
-(the jobs layer expands inventory patterns first), so a pattern cannot smuggle in a host.
+(the jobs layer expands inventory patterns first), so a pattern cannot smuggle in a host; a host
+that is the Carrier controller (``HostRef.local``) or a playbook that runs tasks there
+(``Request.controller``) needs a role with ``local: true``.
 No I/O here: everything needed is in the arguments.
 """
 
