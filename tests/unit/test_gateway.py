@@ -17,10 +17,15 @@ from carrier.mail.parse import parse_headers
 from carrier.store import Store
 
 
-def test_message_key_prefers_a_sane_message_id() -> None:
-    assert message_key(b"Message-ID: <abc@example.test>\r\n\r\n", 7, 42) == "<abc@example.test>"
-    assert message_key(b"\r\n", 7, 42) == "uid:7:42"
-    assert message_key(b"Message-ID: <a b@x>\r\n", 7, 42) == "uid:7:42"
+def test_message_key_is_what_the_server_guarantees_never_the_message_id() -> None:
+    # The sender picks the Message-ID: keyed by it, a forgery arriving first would claim a later mail.
+    assert message_key(7, 42) == "uid:7:42"
+    assert message_key(7, 43) != message_key(7, 42) != message_key(8, 42)
+    # Another folder may share the inbox's UIDVALIDITY: its keys differ.
+    other = message_key(7, 42, "Commands")
+    assert other.startswith("uid:") and other.endswith(":7:42") and other != message_key(7, 42)
+    with pytest.raises(ValueError, match="cannot identify"):
+        message_key(7, 0)
 
 
 def test_reconnect_delay_doubles_with_jitter_and_a_cap() -> None:
