@@ -171,6 +171,11 @@ class Limits:
     max_jobs: int = 8
     max_jobs_per_host: int = 2
     output_max_bytes: int = 1048576
+    #: ``enroll`` requests (each may make a WKD and a keyserver lookup) per address and per domain
+    #: within ``enroll_window`` seconds.
+    enroll_per_address: int = 3
+    enroll_per_domain: int = 20
+    enroll_window: int = 3600
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -362,6 +362,11 @@ class MailDoor:
             # No backscatter: an unknown sender gets nothing.
             self.store.finish_message(account.name, key, ok=False, error="not enrolled")
             return "dropped: not enrolled"
+        if not outcome.answer:
+            # No key for the address, or over the enrollment limit: answering would reflect mail to
+            # whatever From says (the reason is in the log and the audit).
+            self.store.finish_message(account.name, key, ok=False, error=f"{verb}: {outcome.status}")
+            return f"dropped: {verb} {outcome.status}"
         for n, notice in enumerate(outcome.notices):
             self._queue_notice(account, notice.to, notice.subject, notice.text, None, f"{key_hash(key)}.{n}")
         body = replies.render_sections([Section("", "ok", outcome.reply)])

@@ -4,10 +4,12 @@ real `carrier serve` on the sandbox: mail in over SMTP, replies read from the ma
 from __future__ import annotations
 
 import email
+import time
+from pathlib import Path
 
 import pytest
 from auth_support import pgp_mime
-from door_support import db_rows, identities, serving, text_of, wait_replies
+from door_support import db_rows, identities, serving, store_key, text_of, wait_replies
 from mail_support import deliver, simple_message, token
 
 from carrier.sandbox.layout import address
@@ -40,3 +42,42 @@ def test_a_forged_mail_cannot_claim_the_message_id_of_a_signed_one(sandbox: Sand
         keys = [r[0] for r in db_rows(directory / "state", "SELECT message_id FROM messages ORDER BY id")]
     assert len(jobs) == 1
     assert len(keys) == 3 and all(k.startswith("uid:") for k in keys), keys
+
+
+def wait_errors(sandbox: Sandbox, state: Path, message_ids: list[str], timeout: float = 90) -> list[str]:
+    """The recorded error of each mail, once Carrier has finished with all of them."""
+    keys = [store_key(sandbox, m) for m in message_ids]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = dict(db_rows(state, "SELECT message_id, coalesce(error, state) FROM messages "
+                                   "WHERE state IN ('done', 'failed')"))
+        if all(k in rows for k in keys):
+            return [str(rows[k]) for k in keys]
+        time.sleep(0.1)
+    raise AssertionError(f"not all of {message_ids} handled in {timeout} s")
+
+
+def test_enroll_without_a_key_gets_no_reply_and_is_rate_limited(sandbox: Sandbox) -> None:
+    limits = {"enroll_per_address": 2, "enroll_per_domain": 3, "enroll_window": 3600}
+    tag = token("stranger")
+    with serving(sandbox, limits=limits) as (serve, directory):
+        serve.start()
+        sent = []
+        for n, who in enumerate(["ghost1", "ghost1", "ghost1", "ghost2"]):
+            mail = simple_message(f"{tag} {n}", "enroll\n", sender=who)
+            deliver(sandbox.layout, mail.as_bytes(), sender=address(who), to=[address("carrier")])
+            sent.append(str(mail["Message-ID"]))
+        errors = wait_errors(sandbox, directory / "state", sent)
+        outbox = db_rows(directory / "state", "SELECT recipients, raw FROM outbox")
+        lookups = [line for line in serve.lines if line.get("msg") == "key candidate refused"]
+        unanswered = [line for line in serve.lines if line.get("msg") == "enrollment request not answered"]
+    # No key anywhere (the sandbox keyserver has none; WKD for example.test does not resolve).
+    assert errors == ["enroll: no_key", "enroll: no_key", "enroll: rate_limited", "enroll: rate_limited"]
+    assert outbox == []  # nothing is sent to whatever address From named
+    # The reason is logged for the operator (with the lookup's own words), never mailed.
+    assert [(u["address"], u["outcome"]) for u in unanswered] == [
+        ("ghost1@example.test", "no_key"), ("ghost1@example.test", "no_key"),
+        ("ghost1@example.test", "rate_limited"), ("ghost2@example.test", "rate_limited")]
+    assert unanswered[0]["reason"] in ("not_found", "lookup_failed")
+    # Rate-limited requests make no lookup: WKD and the keyserver were asked for the first two only.
+    assert {line["address"] for line in lookups} <= {"ghost1@example.test"}
