@@ -21,10 +21,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +39,7 @@ from carrier.errors import CarrierError
 from carrier.jobs.manager import JobView
 from carrier.jobs.render import job_text, jobs_table
 from carrier.jobs.system import JobSystem
-from carrier.mail import replies
+from carrier.mail import lease, replies
 from carrier.mail.commands import (
     GRAMMAR,
     Command,
@@ -76,21 +74,13 @@ _REFUSED_DEFAULT = "Carrier could not accept the signature of this mail: sign it
 
 
 def owner_token() -> str:
-    """This process's lease owner name: pid, the process's start identity, and a random part."""
-    from carrier.ansible.runner import process_start
-
-    return f"{os.getpid()}|{process_start(os.getpid()) or 'unknown'}|{uuid.uuid4().hex[:12]}"
+    """This process's lease owner name (``carrier.mail.lease.owner_token``)."""
+    return lease.owner_token()
 
 
 def owner_alive(owner: str) -> bool:
-    """Whether the process named in a lease owner still runs (on this machine: same boot id)."""
-    from carrier.ansible.runner import process_start
-
-    pid, _, rest = owner.partition("|")
-    start = rest.rpartition("|")[0]
-    if not pid.isdigit() or not start or start == "unknown":
-        return True  # not ours to judge: wait for the lease to expire
-    return process_start(int(pid)) == start
+    """Whether the process named in a lease owner still runs (``carrier.mail.lease.owner_alive``)."""
+    return lease.owner_alive(owner)
 
 
 def robot_reason(raw_headers: Headers, head: Any, own_addresses: Sequence[str]) -> str | None:

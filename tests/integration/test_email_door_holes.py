@@ -3,13 +3,26 @@ real `carrier serve` on the sandbox: mail in over SMTP, replies read from the ma
 
 from __future__ import annotations
 
+import contextlib
 import email
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from auth_support import pgp_mime
-from door_support import db_rows, identities, serving, store_key, text_of, wait_replies
+from door_support import (
+    db_rows,
+    door_config,
+    identities,
+    send_signed,
+    serving,
+    store_key,
+    text_of,
+    wait_replies,
+)
 from mail_support import deliver, simple_message, token
 
 from carrier.sandbox.layout import address
@@ -81,3 +94,58 @@ def test_enroll_without_a_key_gets_no_reply_and_is_rate_limited(sandbox: Sandbox
     assert unanswered[0]["reason"] in ("not_found", "lookup_failed")
     # Rate-limited requests make no lookup: WKD and the keyserver were asked for the first two only.
     assert {line["address"] for line in lookups} <= {"ghost1@example.test"}
+
+
+@contextlib.contextmanager
+def tarpit() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word (an SMTP server that hangs)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_killed_senders_claim_is_taken_over_at_once_and_the_ack_goes_before_the_result(
+    sandbox: Sandbox,
+) -> None:
+    tag = token("order")
+    with identities(sandbox) as people, tarpit() as port, \
+            serving(sandbox, account={"smtp": {"host": "127.0.0.1", "port": port, "tls": "none",
+                                               "auth": False}}) as (serve, directory):
+        state = directory / "state"
+        serve.start()
+        send_signed(sandbox, people["ops"], "exec web1 true\n", tag)
+        # The reply and the result mail are queued; the sender hangs on SMTP holding a claim.
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            rows = db_rows(state, "SELECT next_attempt_at - created_at FROM outbox WHERE state = 'pending'")
+            if len(rows) == 2 and any(held > 100 for (held,) in rows):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"no claimed outbox row: {rows}")
+        serve.kill()
+        # Back with a working SMTP server: the dead sender's claim must not hold the reply 300 s.
+        door_config(sandbox, directory)
+        serve.start()
+        accepted, result = wait_replies(sandbox, "ops", tag, 2, timeout=60)
+        taken = [ln for ln in serve.lines if ln.get("msg") == "outbox claim of a stopped sender taken over"]
+    assert "accepted, job" in text_of(accepted), text_of(accepted)  # in mailbox order: the ack first
+    assert "succeeded" in text_of(result), text_of(result)
+    assert len(taken) == 1
