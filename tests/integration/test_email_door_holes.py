@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import os
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from door_support import (
     wait_replies,
 )
 from mail_support import deliver, simple_message, token
+from ruamel.yaml import YAML
 
 from carrier.sandbox.layout import address
 from carrier.sandbox.manager import Sandbox
@@ -149,3 +151,29 @@ def test_a_killed_senders_claim_is_taken_over_at_once_and_the_ack_goes_before_th
     assert "accepted, job" in text_of(accepted), text_of(accepted)  # in mailbox order: the ack first
     assert "succeeded" in text_of(result), text_of(result)
     assert len(taken) == 1
+
+
+NOT_STARTED = "mcp http door not started: the email door runs without it; trying again"
+
+
+def test_a_taken_mcp_port_is_named_and_the_email_door_keeps_running(sandbox: Sandbox) -> None:
+    tag = token("port")
+    with identities(sandbox) as people, serving(sandbox) as (serve, _directory):
+        mcp = YAML(typ="safe").load(serve.config.read_text())["mcp"]
+        squatter = socket.create_server((mcp["bind_host"], int(mcp["port"])))
+        try:
+            serve.start()
+            problem = serve.wait_log(NOT_STARTED)
+            # The email door answers meanwhile.
+            send_signed(sandbox, people["ops"], "jobs\n", tag)
+            [reply] = wait_replies(sandbox, "ops", tag, 1)
+        finally:
+            squatter.close()
+        # Once the port is free the MCP door comes up by itself.
+        ready = serve.wait_log("mcp http door ready", timeout=60)
+    error = str(problem["error"])
+    where = f"{mcp['bind_host']}:{mcp['port']}"
+    assert f"cannot listen on {where}: the port is in use by pid {os.getpid()} (" in error, error
+    assert "mcp.port in carrier.yml (or MCP_PORT)" in error, error
+    assert "recent job" in text_of(reply) or "no jobs" in text_of(reply).lower(), text_of(reply)
+    assert ready["url"].endswith(f":{mcp['port']}/mcp")
