@@ -7,6 +7,7 @@ import contextlib
 import email
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -177,3 +178,16 @@ def test_a_taken_mcp_port_is_named_and_the_email_door_keeps_running(sandbox: San
     assert "mcp.port in carrier.yml (or MCP_PORT)" in error, error
     assert "recent job" in text_of(reply) or "no jobs" in text_of(reply).lower(), text_of(reply)
     assert ready["url"].endswith(f":{mcp['port']}/mcp")
+
+
+def test_result_replies_carry_no_warnings_of_carriers_own_python(sandbox: Sandbox) -> None:
+    tag = token("warn")
+    with identities(sandbox) as people, serving(sandbox) as (serve, _directory):
+        serve.start()
+        send_signed(sandbox, people["ops"], "run ping on web1\n", tag)
+        _accepted, result = wait_replies(sandbox, "ops", tag, 2)
+    text = text_of(result)
+    assert "succeeded" in text, text
+    venv = str(Path(sys.executable).parent.parent)
+    for leak in ("Warning:", "DeprecationWarning", "site-packages", venv):
+        assert leak not in text, (leak, text)
