@@ -159,6 +159,9 @@ class Role:
     modules: tuple[str, ...] = ()
     #: MCP mail tools this role may call (globs over tool names, e.g. ``mail_*``).
     mail: tuple[str, ...] = ()
+    #: May target the Carrier controller itself: inventory hosts with ``connection: local`` or an
+    #: address of this machine, and catalog playbooks marked ``controller: true``. Off by default.
+    local: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +171,11 @@ class Limits:
     max_jobs: int = 8
     max_jobs_per_host: int = 2
     output_max_bytes: int = 1048576
+    #: ``enroll`` requests (each may make a WKD and a keyserver lookup) per address and per domain
+    #: within ``enroll_window`` seconds.
+    enroll_per_address: int = 3
+    enroll_per_domain: int = 20
+    enroll_window: int = 3600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -817,6 +825,7 @@ _ROLE: Mapping[str, _F] = {
     "pty": _F(_bool, False),
     "modules": _F(_list(_str), ()),
     "mail": _F(_list(_str), ()),
+    "local": _F(_bool, False),
 }
 
 

@@ -2,7 +2,10 @@
 job manager, the email door (one listener per account, the result notifier, the outbox sender)
 until SIGTERM/SIGINT. Shutdown is clean: listeners stop, queued replies already stored stay in the
 outbox for the next start, leases are released, detachable jobs keep running for the next start.
-The MCP HTTP door attaches here as it lands."""
+
+The MCP HTTP door runs beside the email door. When it cannot start (its port is taken: the error
+names the process holding it), the email door keeps running and the HTTP door is tried again every
+``HTTP_RETRY_SECONDS``: one broken door must not take the other down."""
 
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from carrier.store import Store
 from carrier.store import gateway as gateway_sql
 
 log = logging.getLogger("carrier.serve")
+
+#: Seconds between attempts to start an MCP HTTP door that could not start.
+HTTP_RETRY_SECONDS = 15.0
 
 
 def check_accounts(config: Config) -> list[str]:
@@ -91,6 +97,8 @@ class _Doors:
         self.http: Any = None
         self.store: Store | None = None
         self._wake: tuple[threading.Event, ...] = ()
+        self._http_lock = threading.Lock()
+        self._closing = False
 
     @classmethod
     def start(cls, config: Config, store: Store, stop: threading.Event) -> _Doors:
@@ -118,16 +126,47 @@ class _Doors:
             self.listeners.append(Listener(self.door, account, self.inner_stop).start())
         self._wake = (outbox.wake, notifier.wake)
         if config.mcp.tls_cert is not None:
-            from carrier.mcp.http import start_http_door
-
-            # One job system and one trust layer for both doors: limits and audit are shared.
-            self.http = start_http_door(config, store=store, trust=self.trust, jobs=self.jobs)
-            log.info("mcp http door ready", extra={"url": f"https://{config.mcp.bind_host}:{config.mcp.port}/mcp"})
+            self._start_http(config, store)
         else:
             log.warning("mcp http door off: no mcp.tls_cert configured (make one with `carrier cert`)")
         return self
 
+    def _start_http(self, config: Config, store: Store) -> None:
+        """Start the MCP HTTP door now, or keep trying in the background while the email door runs."""
+        from carrier.mcp.http import HttpDoorError, start_http_door
+
+        def attempt() -> str | None:
+            try:
+                # One job system and one trust layer for both doors: limits and audit are shared.
+                door = start_http_door(config, store=store, trust=self.trust, jobs=self.jobs)
+            except HttpDoorError as exc:
+                return str(exc)
+            with self._http_lock:
+                if self._closing:
+                    door.stop()
+                    return None
+                self.http = door
+            log.info("mcp http door ready", extra={"url": door.url})
+            return None
+
+        problem = attempt()
+        if problem is None:
+            return
+        log.error("mcp http door not started: the email door runs without it; trying again",
+                  extra={"error": problem, "retry_every": HTTP_RETRY_SECONDS})
+
+        def retry() -> None:
+            while not self.inner_stop.wait(HTTP_RETRY_SECONDS):
+                if attempt() is None:
+                    return
+
+        thread = threading.Thread(target=retry, name="carrier-mcp-http-retry", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
     def close(self) -> None:
+        with self._http_lock:
+            self._closing = True
         if self.http is not None:
             self.http.stop()
         self.inner_stop.set()

@@ -5,6 +5,10 @@ Its catalog entry is the sidecar ``NAME.meta.yml`` beside it (like an AWX survey
 
     description: Show disk usage of a mount point
     admin_only: false            # true: only admins may run it (the policy layer decides)
+    controller: false            # true: it runs tasks on the Carrier controller (hosts: localhost,
+                                 # delegate_to: localhost, local_action, connection: local); only
+                                 # a role with `local: true` may run it. Without it, such a
+                                 # playbook is refused (carrier.ansible.controller finds them).
     default_limit: all           # the host pattern used when the request names none
     vars:
       path: {type: str, default: /, pattern: '^/[A-Za-z0-9_./-]*$', description: mount point}
@@ -88,12 +92,15 @@ class PlaybookInfo:
     admin_only: bool = False
     default_limit: str | None = None
     vars: Mapping[str, VarSpec] = field(default_factory=dict)
+    #: The metadata declares that it runs tasks on the controller (see carrier.ansible.controller).
+    controller: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description,
             "admin_only": self.admin_only,
+            "controller": self.controller,
             "default_limit": self.default_limit,
             "vars": {name: spec.to_dict() for name, spec in self.vars.items()},
         }
@@ -161,6 +168,13 @@ def _parse_var(path: Path, name: str, raw: Any) -> VarSpec:
     return spec
 
 
+def _flag(meta: Path, raw: Mapping[str, Any], name: str) -> bool:
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise _fail(meta, f"{name} must be true or false")
+    return value
+
+
 def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
     meta = playbook.with_name(name + META_SUFFIX)
     if not meta.exists():
@@ -172,8 +186,8 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise _fail(meta, "expected a mapping (description, admin_only, default_limit, vars)")
-    unknown = set(raw) - {"description", "admin_only", "default_limit", "vars"}
+        raise _fail(meta, "expected a mapping (description, admin_only, controller, default_limit, vars)")
+    unknown = set(raw) - {"description", "admin_only", "controller", "default_limit", "vars"}
     if unknown:
         raise _fail(meta, f"unknown keys {', '.join(sorted(map(str, unknown)))}")
     default_limit = raw.get("default_limit")
@@ -191,6 +205,7 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
         directory=directory,
         description=str(raw.get("description") or "").strip(),
         admin_only=bool(raw.get("admin_only", False)),
+        controller=_flag(meta, raw, "controller"),
         default_limit=str(default_limit) if default_limit is not None else None,
         vars={str(k): _parse_var(meta, str(k), v) for k, v in specs.items()},
     )

@@ -17,6 +17,11 @@ class PatternError(InventoryError):
     """A host pattern is malformed or matches no host."""
 
 
+class ControllerError(PatternError):
+    """A pattern selects the Carrier controller itself (implicit localhost, or a local host that was not
+    allowed)."""
+
+
 class HostError(InventoryError):
     """A host's connection settings are unusable (checked before they reach an ssh argv)."""
 

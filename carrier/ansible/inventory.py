@@ -7,6 +7,13 @@ and group names, globs (``* ? [..]``) and the combinators ``, : & !`` are allowe
 (``~``) and ``@file`` limits (Ansible would read that file) are refused, as is anything that could
 be taken for an option (a leading ``-``).
 
+Only hosts the inventory really names are targets. Ansible invents an implicit ``localhost`` (with
+``connection: local``) for ``localhost``, ``127.0.0.1`` and ``::1`` when the inventory lacks them:
+``resolve`` refuses those names, so nothing reaches the controller by accident. A host the inventory
+does name that *is* the controller (``connection: local``, or an address naming this machine) is a
+target only when the caller says the policy allowed it (``targets(..., controller=True)``, the role's
+``local: true``); ``is_controller`` tells which hosts those are.
+
 Edits on disk are picked up without a restart: every call compares a cheap signature of the
 inventory files (paths, mtimes, sizes) and reloads when it changed.
 """
@@ -22,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carrier.ansible.errors import HostError, InventoryError, PatternError
+from carrier.ansible.controller import LOCAL_NAMES, names_controller
+from carrier.ansible.errors import ControllerError, HostError, InventoryError, PatternError
 from carrier.formats import pattern_problem
 
 log = logging.getLogger(__name__)
@@ -36,6 +44,10 @@ _IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?")
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*")
 #: Connection types the exec fast path and PTY jobs can drive themselves.
 FAST_CONNECTIONS = ("ssh", "local")
+_CONTROLLER_HINT = (
+    "Carrier never runs a command on its own machine unless the inventory names the host "
+    "and the role has `local: true` (see docs/trust.md)"
+)
 
 
 def check_pattern(pattern: object) -> str:
@@ -199,7 +211,10 @@ class Inventory:
         """The hosts ``pattern`` selects, exactly as Ansible resolves it, in Ansible's order.
 
         Raises PatternError for a malformed pattern, for a name in it that is neither a host nor a
-        group (a typo in ``all:!db1`` must not silently select db1), and when nothing is selected.
+        group (a typo in ``all:!db1`` must not silently select db1), and when nothing is selected;
+        ControllerError for a name only Ansible's implicit localhost answers (``localhost``,
+        ``127.0.0.1``, ``::1`` not in the inventory). Hosts the inventory names are returned even when
+        they are the controller: ``targets`` is what engines use.
         """
         check_pattern(pattern)
         from ansible.inventory.manager import split_host_pattern
@@ -209,21 +224,58 @@ class Inventory:
             for term in split_host_pattern(pattern):
                 name = term.lstrip("&!")
                 if name and not self._term_exists(manager, name):
+                    if name.lower() in LOCAL_NAMES:
+                        raise ControllerError(
+                            f"{name!r} in pattern {pattern!r} is not in the inventory: it would be "
+                            f"Ansible's implicit localhost, the Carrier controller itself. {_CONTROLLER_HINT}"
+                        )
                     known = ", ".join(sorted(manager.groups)) or "none"
                     raise PatternError(
                         f"unknown host or group {name!r} in pattern {pattern!r} (groups: {known}): "
                         "check the name against `carrier hosts` or the inventory"
                     )
-            selected = [h.name for h in manager.get_hosts(pattern)]
+            found = manager.get_hosts(pattern)
+            implicit = [h.name for h in found if getattr(h, "implicit", False)]
+            if implicit:  # never expected after the check above; a guard should ansible change
+                raise ControllerError(
+                    f"the host pattern {pattern!r} selects Ansible's implicit {implicit[0]}, the Carrier "
+                    f"controller. {_CONTROLLER_HINT}"
+                )
+            selected = [h.name for h in found]
         if not selected:
             raise PatternError(f"the host pattern {pattern!r} selects no host")
         return selected
 
+    def targets(self, pattern: str, *, controller: bool = False) -> list[str]:
+        """``resolve(pattern)`` for running something: ControllerError when a selected host is the
+        controller (``is_controller``) and ``controller`` is False (the policy did not allow it)."""
+        names = self.resolve(pattern)
+        if not controller:
+            local = [n for n in names if self.is_controller(n)]
+            if local:
+                raise ControllerError(
+                    f"the host pattern {pattern!r} selects {', '.join(local[:5])}, the Carrier "
+                    f"controller itself. {_CONTROLLER_HINT}"
+                )
+        return names
+
+    def is_controller(self, host: str) -> bool:
+        """Whether running on inventory ``host`` means running on this machine: its connection is
+        ``local``, or its name or address names this machine (``carrier.ansible.controller``)."""
+        if names_controller(host):
+            return True
+        try:
+            conn = self.conn(host)
+        except HostError:  # unusable settings: refused later by whoever connects; judged by name here
+            return False
+        return conn.connection == "local" or names_controller(conn.address)
+
     @staticmethod
     def _term_exists(manager: Any, name: str) -> bool:
-        # Plain names are looked up directly (get_hosts would print a warning for a typo).
+        # Plain names are looked up among the hosts the inventory names (get_host would invent an
+        # implicit localhost; get_hosts would print a warning for a typo).
         if not any(c in name for c in "*?["):
-            return name in manager.groups or manager.get_host(name) is not None
+            return name in manager.groups or name in manager.hosts
         return bool(manager.get_hosts(name))
 
     def host_vars(self, host: str) -> dict[str, Any]:

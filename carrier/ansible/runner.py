@@ -117,6 +117,9 @@ def ansible_env(
             "ANSIBLE_SSH_RETRIES": "1",
             "ANSIBLE_DEPRECATION_WARNINGS": "False",
             "PYTHONDONTWRITEBYTECODE": "1",
+            # Python warnings of the controller's own libraries (a CryptographyDeprecationWarning
+            # naming Carrier's venv) are not the job's output; Ansible's [WARNING]s still show.
+            "PYTHONWARNINGS": "ignore",
         }
     )
     env.update(ssh_env)  # ANSIBLE_SSH_ARGS and the ControlPath settings (carrier.ansible.ssh)

@@ -18,12 +18,19 @@
 Every step returns an ``Outcome``: the reply to the mail that caused it and the notices to send to
 others (admins, the user). Composing and sending those mails is the gateway's job. Every step is
 audited.
+
+No backscatter: an unsigned ``enroll`` (or ``confirm``) may carry anyone's address in From, so an
+outcome that found no key for the address (none anywhere, a lookup failed, a key refused), a
+malformed address, or a sender over the enrollment rate limit (``limits.enroll_per_address`` and
+``enroll_per_domain`` per ``enroll_window``) has ``answer=False``: the door sends nothing and the
+reason is logged and audited. A reply never carries lookup internals (servers, errno texts).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import Callable, Sequence
@@ -36,8 +43,11 @@ from carrier.auth.errors import AuthError, EnrollmentError, KeyDiscoveryError, V
 from carrier.auth.keyring import normalize_address, normalize_fingerprint
 from carrier.auth.keyserver import KeyFinder, check_address
 from carrier.auth.mailauth import MailAuthenticator, sender_of
+from carrier.auth.ratelimit import RateLimiter, enroll_keys
 from carrier.config import Config
 from carrier.store import KEEP, EnrollmentRecord, Store, check_enrollment_id
+
+log = logging.getLogger(__name__)
 
 NONCE_BYTES = 16  # 128 bits, written as 32 hex digits
 _NONCE_RE = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
@@ -117,6 +127,9 @@ class Outcome:
     notices: tuple[Notice, ...] = ()
     #: Encrypt the reply to this key (the challenge: only the key's owner can read the nonce).
     encrypt_to: str | None = None
+    #: Send ``reply`` to the sender at all (False: no key is known for the address, or it is over
+    #: the enrollment rate limit; an answer would make Carrier a reflector).
+    answer: bool = True
 
 
 class Enrollment:
@@ -138,6 +151,7 @@ class Enrollment:
         self.mailauth = mailauth
         self.audit = audit
         self.clock = clock or store.clock
+        self._limiters = RateLimiter.enroll_limiters(config, store)
 
     # ----------------------------------------------------------------- helpers
 
@@ -188,12 +202,28 @@ class Enrollment:
 
     # ----------------------------------------------------------------- 1: enroll
 
+    def _silent(self, address: str, door: str, status: str, reply: str, *, outcome: str | None = None,
+                **detail: object) -> Outcome:
+        """An outcome nobody is answered for: logged and audited with its reason instead."""
+        audited = outcome or status
+        log.info("enrollment request not answered", extra={"address": address, "outcome": audited, **detail})
+        self.audit.record(address, door, "enroll:request", outcome=audited, detail=dict(detail))
+        return Outcome(status, reply, answer=False)
+
+    def _over_limit(self, address: str) -> float | None:
+        """Seconds to wait when ``address`` or its domain used up its enrollment requests, else None
+        (both buckets are charged either way)."""
+        waits = [state.retry_after for limiter, key in zip(self._limiters, enroll_keys(address), strict=True)
+                 if not (state := limiter.take(key)).allowed]
+        return max(waits) if waits else None
+
     def request(self, address: str, *, attached: Sequence[bytes] = (), door: str = "mail") -> Outcome:
         """Start enrolling ``address``: find its key, send a challenge (or say why not)."""
         try:
             address = check_address(address)
         except KeyDiscoveryError as exc:
-            return Outcome("refused", str(exc))
+            return self._silent(address[:200], door, "refused", "That is not a plain mail address.",
+                                reason=exc.reason)
         enrolled = self.directory.identity(address)
         if enrolled is not None:
             self.audit.record(address, door, "enroll:request", outcome="already_enrolled")
@@ -206,18 +236,23 @@ class Enrollment:
             if current.state in OPEN_STATES:
                 self.audit.record(address, door, "enroll:request", target=current.id, outcome="pending")
                 return self._pending_answer(current)
+        # Charged only where a lookup (WKD, keyserver) and a challenge mail would follow.
+        wait = self._over_limit(address)
+        if wait is not None:
+            return self._silent(address, door, "rate_limited", "Too many enrollment requests for this "
+                                "address or its domain: try again later.", retry_after=round(wait))
         finder, _ = self._mail_parts()
         try:
             found = finder.find(address, attached, now=self.clock())
         except KeyDiscoveryError as exc:
-            self.audit.record(address, door, "enroll:request", outcome="no_key",
-                              detail={"reason": exc.reason, "error": str(exc)})
-            return Outcome("no_key", f"Carrier could not use a key for {address}: {exc}")
+            return self._silent(address, door, "no_key", f"Carrier found no usable OpenPGP key for "
+                                f"{address}: attach your public key (application/pgp-keys) or publish it "
+                                "(WKD or keys.openpgp.org), then send `enroll` again.", reason=exc.reason,
+                                error=str(exc))
         if self.directory.revoked(found.fingerprint):
-            self.audit.record(address, door, "enroll:request", outcome="revoked_key",
-                              detail={"fingerprint": found.fingerprint})
-            return Outcome("refused", f"The key {found.fingerprint} was revoked in Carrier: enroll with a "
-                           "new key.")
+            return self._silent(address, door, "refused", f"The key {found.fingerprint} was revoked in "
+                                "Carrier: enroll with a new key.", outcome="revoked_key",
+                                fingerprint=found.fingerprint)
         nonce = secrets.token_hex(NONCE_BYTES)
         expires = self.clock() + self.config.auth.challenge_ttl
         with self.store.transaction():
@@ -246,8 +281,10 @@ class Enrollment:
         _, mailauth = self._mail_parts()
         address = sender_of(raw)
         found = self.store.find_enrollments(email=address, limit=1)
-        if not found:
-            return Outcome("unknown", "No enrollment is in progress for this address: send `enroll` first.")
+        if not found:  # no key is known for the address: an answer would be backscatter
+            log.info("confirm without an enrollment not answered", extra={"address": address})
+            return Outcome("unknown", "No enrollment is in progress for this address: send `enroll` first.",
+                           answer=False)
         record = self._expire_if_stale(found[0])
         if record.state == "expired":
             return Outcome("stale", f"The challenge of request {record.id} has expired: send `enroll` again "

@@ -3,7 +3,9 @@
 Roles come from carrier.yml (playbook globs, a host pattern, ad-hoc modules, exec/shell/pty, MCP
 mail tools). A bearer token narrows its owner's role further with scopes (``tools:<group>``,
 ``hosts:<pattern>``); a scope is never a grant. Hosts are decided on the resolved target list
-(the jobs layer expands inventory patterns first), so a pattern cannot smuggle in a host.
+(the jobs layer expands inventory patterns first), so a pattern cannot smuggle in a host; a host
+that is the Carrier controller (``HostRef.local``) or a playbook that runs tasks there
+(``Request.controller``) needs a role with ``local: true``.
 No I/O here: everything needed is in the arguments.
 """
 
@@ -77,6 +79,8 @@ class HostRef:
 
     name: str
     groups: tuple[str, ...] = ()
+    #: The host is the Carrier controller (``Inventory.is_controller``): only a ``local`` role may target it.
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,8 @@ class Request:
     tool: str | None = None  # the MCP tool name, when the request comes through MCP
     job_owner: str | None = None  # for job_read / job_control / pty_input; job_list: the owner asked for
     admin_only: bool = False  # the catalog marks the playbook as admins' only
+    #: The playbook runs tasks on the controller (catalog ``controller: true``): needs a ``local`` role.
+    controller: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +177,10 @@ def _hosts_problem(identity: Identity, role: Role, request: Request) -> str | No
     outside = [h.name for h in request.hosts if not host_in_pattern(h, role.hosts)]
     if outside:
         return f"role {identity.role} may not target {', '.join(sorted(outside))}"
+    local = [h.name for h in request.hosts if h.local]
+    if local and not role.local:
+        return (f"role {identity.role} may not target the Carrier controller ({', '.join(sorted(local))}): "
+                "that needs `local: true` on the role")
     host_scopes = [s[len("hosts:"):] for s in identity.scopes or () if s.startswith("hosts:")]
     if host_scopes:
         beyond = [h.name for h in request.hosts if not any(host_in_pattern(h, p) for p in host_scopes)]
@@ -259,6 +269,9 @@ def decide(
             return _no(f"role {name} may not run playbook {book or '(none)'}")
         if request.admin_only and not identity.admin:
             return _no(f"playbook {book} is for admins only")
+        if request.controller and not role.local:
+            return _no(f"playbook {book} runs tasks on the Carrier controller: role {name} "
+                       "needs `local: true` to run it")
         return _first([_hosts_problem(identity, role, request)], f"role {name} allows {book}")
     if action == "adhoc":
         module = request.module or ""

@@ -20,6 +20,13 @@ def identity_key(name: str) -> str:
     return f"id:{name.strip().casefold()}"
 
 
+def enroll_keys(address: str) -> tuple[str, str]:
+    """The enrollment buckets of ``address``: one for the address, one for its domain (a stranger
+    rotating local parts of one domain still runs dry)."""
+    norm = address.strip().casefold()
+    return f"enroll:{norm}", f"enroll-domain:{norm.rpartition('@')[2]}"
+
+
 def token_key(token_id: str) -> str:
     return f"token:{token_id}"
 
@@ -62,6 +69,13 @@ class RateLimiter:
         if waits:
             wait = max(waits)
             raise RateLimited(f"too many requests: try again in {wait:.0f} s", retry_after=wait)
+
+    @classmethod
+    def enroll_limiters(cls, config: Config, store: Store) -> tuple[RateLimiter, RateLimiter]:
+        """The per-address and per-domain limiters of ``enroll`` (``limits.enroll_*``)."""
+        window = float(config.limits.enroll_window)
+        return (cls(store, config.limits.enroll_per_address, window),
+                cls(store, config.limits.enroll_per_domain, window))
 
     def prune(self) -> int:
         """Forget buckets idle long enough to be full again."""

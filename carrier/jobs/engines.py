@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from carrier.ansible import runner as ar
-from carrier.ansible.catalog import Catalog, check_playbook_name, validate_extra_vars
-from carrier.ansible.errors import EngineError, SshError
+from carrier.ansible.catalog import Catalog, PlaybookInfo, check_playbook_name, validate_extra_vars
+from carrier.ansible.controller import controller_uses
+from carrier.ansible.errors import ControllerError, EngineError, SshError
 from carrier.ansible.fastpath import ExecResult, exec_on_hosts
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl, remote_command
@@ -262,7 +263,9 @@ class PlaybookEngine(_RunnerEngine):
                                 "`carrier playbooks` lists the ones there are"),
             )
         limit = request.get("limit") or info.default_limit or "all"
-        hosts = self.inventory.resolve(check_pattern(limit))
+        controller = _bool(request, "controller")
+        hosts = self.inventory.targets(check_pattern(limit), controller=controller)
+        check_controller_use(info, controller=controller)
         extra = validate_extra_vars(info, request.get("extra_vars"))
         spec = {
             "playbook": info.name,
@@ -277,6 +280,7 @@ class PlaybookEngine(_RunnerEngine):
             "forks": _int(request, "forks", max(DEFAULT_FORKS, min(len(hosts), 50)), 1, MAX_FORKS),
             "timeout": _int(request, "timeout", DEFAULT_TIMEOUT, 1, MAX_TIMEOUT),
             "admin_only": info.admin_only,
+            "controller": controller,
         }
         return Submission(target=limit, spec=spec, hosts=tuple(hosts))
 
@@ -288,6 +292,12 @@ class PlaybookEngine(_RunnerEngine):
         if not path.is_file():
             return Outcome("failed", "missing_playbook",
                            f"missing playbook: {path} is gone (it was there when the job was queued)")
+        info = self.catalog.get(str(ctx.job.spec.get("playbook", "")))
+        try:  # the file may have been edited since the job was queued
+            if info is not None:
+                check_controller_use(info, controller=bool(ctx.job.spec.get("controller")))
+        except ControllerError as exc:
+            return Outcome("failed", "denied", str(exc))
         return None
 
     def _runspec(self, ctx: JobContext) -> ar.RunSpec:
@@ -308,6 +318,22 @@ class PlaybookEngine(_RunnerEngine):
             forks=forks,
             timeout=int(spec["timeout"]),
             env=self._env(ctx.run_dir, forks),
+        )
+
+
+def check_controller_use(info: PlaybookInfo, *, controller: bool) -> None:
+    """ControllerError unless ``info`` stays off the controller, or says ``controller: true`` in its
+    metadata and the caller's policy allowed the controller (``controller``)."""
+    uses = controller_uses(info.path, info.directory)
+    if uses and not info.controller:
+        raise ControllerError(
+            f"playbook {info.name} runs tasks on the Carrier controller ({uses[0]}) and its catalog "
+            f"metadata does not say `controller: true`: refused (see docs/trust.md)"
+        )
+    if info.controller and not controller:
+        raise ControllerError(
+            f"playbook {info.name} runs tasks on the Carrier controller (its metadata says "
+            "`controller: true`): only a role with `local: true` may run it"
         )
 
 
@@ -336,7 +362,7 @@ class AdhocEngine(_RunnerEngine):
         if "\0" in args or "\n" in args or len(args) > 4096:
             raise EngineError("module args must be one line of at most 4096 characters")
         pattern = check_pattern(request.get("pattern"))
-        hosts = self.inventory.resolve(pattern)
+        hosts = self.inventory.targets(pattern, controller=_bool(request, "controller"))
         spec = {
             "module": module,
             "args": args,
@@ -386,7 +412,7 @@ class ExecEngine:
         if not isinstance(command, str | list):
             raise EngineError("command must be a list of arguments (or a string when shell is allowed)")
         remote_command(command, shell=shell)  # raises for an empty or non-argv command
-        hosts = self.inventory.resolve(pattern)
+        hosts = self.inventory.targets(pattern, controller=_bool(request, "controller"))
         for host in hosts:
             self.inventory.conn(host)  # a broken host entry is refused now, not half-way
         spec = {"command": command, "shell": shell,

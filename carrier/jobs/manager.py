@@ -360,17 +360,20 @@ class Manager:
         return self.get(job.id)
 
     def run_playbook(self, playbook: str, *, owner: str, door: str, **options: Any) -> JobView:
-        """A playbook job (options: limit, extra_vars, tags, skip_tags, check, diff, forks, timeout)."""
+        """A playbook job (options: limit, extra_vars, tags, skip_tags, check, diff, forks, timeout,
+        controller)."""
         return self.submit("playbook", {"playbook": playbook, **options}, owner=owner, door=door)
 
     def run_adhoc(self, module: str, pattern: str, *, owner: str, door: str, **options: Any) -> JobView:
-        """An ad-hoc module job (options: args, shell, check, forks, timeout)."""
+        """An ad-hoc module job (options: args, shell, check, forks, timeout, controller)."""
         return self.submit("adhoc", {"module": module, "pattern": pattern, **options}, owner=owner, door=door)
 
     def run_exec(self, pattern: str, command: Sequence[str] | str, *, owner: str, door: str,
-                 shell: bool = False, timeout: float | None = None) -> JobView:
-        """An exec job over the ControlPersist fast path (argv unless ``shell``)."""
-        request: dict[str, Any] = {"pattern": pattern, "command": command, "shell": shell}
+                 shell: bool = False, timeout: float | None = None, controller: bool = False) -> JobView:
+        """An exec job over the ControlPersist fast path (argv unless ``shell``; on the controller's own
+        hosts only with ``controller``, which the caller sets when the policy allowed it)."""
+        request: dict[str, Any] = {"pattern": pattern, "command": command, "shell": shell,
+                                   "controller": controller}
         if timeout is not None:
             request["timeout"] = timeout
         return self.submit("exec", request, owner=owner, door=door)

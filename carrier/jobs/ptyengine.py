@@ -111,7 +111,10 @@ class PtyEngine:
 
     def prepare(self, request: Mapping[str, Any]) -> Submission:
         host = check_pattern(request.get("host"))
-        resolved = self.inventory.resolve(host)
+        controller = request.get("controller", False)
+        if not isinstance(controller, bool):
+            raise EngineError("controller must be true or false")
+        resolved = self.inventory.targets(host, controller=controller)
         if resolved != [host]:
             raise EngineError(f"a PTY job runs on one host: {host!r} selects {len(resolved)} "
                               f"({', '.join(resolved[:5])}); name a single host")

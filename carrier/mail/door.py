@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,7 +37,7 @@ from carrier.errors import CarrierError
 from carrier.jobs.manager import JobView
 from carrier.jobs.render import job_text, jobs_table
 from carrier.jobs.system import JobSystem
-from carrier.mail import replies
+from carrier.mail import lease, replies
 from carrier.mail.commands import (
     EXAMPLES,
     GRAMMAR,
@@ -77,21 +75,13 @@ _REFUSED_DEFAULT = "Carrier could not accept the signature of this mail: sign it
 
 
 def owner_token() -> str:
-    """This process's lease owner name: pid, the process's start identity, and a random part."""
-    from carrier.procid import process_start
-
-    return f"{os.getpid()}|{process_start(os.getpid()) or 'unknown'}|{uuid.uuid4().hex[:12]}"
+    """This process's lease owner name (``carrier.mail.lease.owner_token``)."""
+    return lease.owner_token()
 
 
 def owner_alive(owner: str) -> bool:
-    """Whether the process named in a lease owner still runs (on this machine: same boot id)."""
-    from carrier.procid import process_start
-
-    pid, _, rest = owner.partition("|")
-    start = rest.rpartition("|")[0]
-    if not pid.isdigit() or not start or start == "unknown":
-        return True  # not ours to judge: wait for the lease to expire
-    return process_start(int(pid)) == start
+    """Whether the process named in a lease owner still runs (``carrier.mail.lease.owner_alive``)."""
+    return lease.owner_alive(owner)
 
 
 def robot_reason(raw_headers: Headers, head: Any, own_addresses: Sequence[str]) -> str | None:
@@ -353,6 +343,11 @@ class MailDoor:
             # No backscatter: an unknown sender gets nothing.
             self.store.finish_message(account.name, key, ok=False, error="not enrolled")
             return "dropped: not enrolled"
+        if not outcome.answer:
+            # No key for the address, or over the enrollment limit: answering would reflect mail to
+            # whatever From says (the reason is in the log and the audit).
+            self.store.finish_message(account.name, key, ok=False, error=f"{verb}: {outcome.status}")
+            return f"dropped: {verb} {outcome.status}"
         for n, notice in enumerate(outcome.notices):
             self._queue_notice(account, notice.to, notice.subject, notice.text, None, f"{key_hash(key)}.{n}")
         body = replies.render_sections([Section("", "ok", outcome.reply)])

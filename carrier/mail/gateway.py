@@ -10,14 +10,21 @@ mail without it. The store decides what was handled (``claim_message``), the key
 work: a mail whose keyword was lost is recognised as done and just flagged again. Servers that
 take no keywords get ``\\Seen`` instead. Mail larger than ``mail.max_message_bytes`` is never fetched:
 it is recorded as dropped and flagged.
+
+A mail's store key is what the server guarantees unique, UIDVALIDITY and UID (``message_key``),
+never its Message-ID: the sender picks that, so an unsigned forgery arriving first with the
+Message-ID of a later signed mail would otherwise claim it. A signed mail delivered twice (two
+UIDs) is caught by the trust layer's replay check on the signature digest. Rows of Carrier before
+this change are keyed by Message-ID; they are not consulted (a mail among them that lost its
+keyword is checked again under its UID key, and the replay check keeps it from running twice).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
-import re
 import threading
 import time
 from typing import Any
@@ -29,14 +36,12 @@ from carrier.errors import CarrierError
 from carrier.mail.connect import MailConnectError, imap_connect
 from carrier.mail.door import MailDoor
 from carrier.mail.imap import IdleWatcher, MailError, check_folder, select
-from carrier.mail.parse import parse_message_ids
 
 log = logging.getLogger(__name__)
 
 DONE_KEYWORD = b"CarrierDone"
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 300.0
-_ID_RE = re.compile(r"<[!-;=?-~]{1,200}>")
 
 
 def reconnect_delay(failures: int, rng: Any = random.random) -> float:
@@ -46,20 +51,15 @@ def reconnect_delay(failures: int, rng: Any = random.random) -> float:
     return float(delay * (0.7 + 0.6 * rng()))
 
 
-def message_key(header_block: bytes, validity: int, uid: int) -> str:
-    """The store key of a mail: its Message-ID when it has a sane one, else UIDVALIDITY/UID."""
-    ids = parse_message_ids(_message_id_value(header_block))
-    if ids and _ID_RE.fullmatch(ids[0]):
-        return ids[0]
-    return f"uid:{validity}:{uid}"
-
-
-def _message_id_value(block: bytes) -> str:
-    for line in block.decode("latin-1").replace("\r\n", "\n").split("\n"):
-        name, sep, value = line.partition(":")
-        if sep and name.strip().lower() == "message-id":
-            return value.strip()
-    return ""
+def message_key(validity: int, uid: int, folder: str | None = None) -> str:
+    """The store key of a mail: its UIDVALIDITY and UID (plus a digest of the folder when it is not
+    the account's inbox: two folders may share a UIDVALIDITY). Never its Message-ID (see above)."""
+    if validity < 0 or uid <= 0:
+        raise ValueError(f"UIDVALIDITY {validity} / UID {uid} cannot identify a mail")
+    if folder is None:
+        return f"uid:{validity}:{uid}"
+    digest = hashlib.sha256(folder.encode()).hexdigest()[:12]
+    return f"uid:{digest}:{validity}:{uid}"
 
 
 def handle_mail(door: MailDoor, account: MailAccount, key: str, raw: bytes) -> str:
@@ -89,6 +89,8 @@ class Listener:
         self.account = account
         self.stop_event = stop
         self.folder = check_folder(folder or account.folders.inbox)
+        #: Part of the store key unless this is the account's inbox (keys of the inbox stay short).
+        self._key_folder = None if self.folder == check_folder(account.folders.inbox) else self.folder
         self.idle = account.idle if idle is None else idle
         self.interval = float(account.check_interval if interval is None else interval)
         self._client: IMAPClient | None = None
@@ -215,11 +217,11 @@ class Listener:
         client.add_flags([uid], [flag], silent=True)
 
     def _handle(self, client: IMAPClient, validity: int, uid: int) -> None:
-        data = client.fetch([uid], ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).get(uid)
+        data = client.fetch([uid], ["RFC822.SIZE"]).get(uid)
         if not data:
             return  # expunged meanwhile
         size = int(data.get(b"RFC822.SIZE", 0) or 0)
-        key = message_key(bytes(data.get(b"BODY[HEADER.FIELDS (MESSAGE-ID)]", b"") or b""), validity, uid)
+        key = message_key(validity, uid, self._key_folder)
         store = self.door.store
         record = store.get_message(self.account.name, key)
         if record is not None and record.state in ("done", "failed"):

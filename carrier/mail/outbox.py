@@ -7,7 +7,13 @@ failure reschedules it with exponential backoff and jitter. A permanent refusal 
 recipient) marks it ``failed`` with the server's answer; a message is never dropped silently.
 
 The one window left is SMTP's own: a crash after the server took the message and before the row
-is marked sent makes it go again once the claim expires (SMTP has no idempotent submit).
+is marked sent makes it go again once the claim is taken over (SMTP has no idempotent submit).
+
+A claim names its holder (``carrier.mail.lease``): a claim of a sender that no longer runs is taken
+over at once, not after ``CLAIM_SECONDS``. Mails of one thread go out in order: a job's result or
+progress mail waits while the command mail that started the job is not finished (its reply is not
+queued yet) and while an earlier mail of the same thread is pending, for at most
+``ORDER_HOLD_SECONDS`` (a reply that cannot be sent does not hold the results back for ever).
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 import smtplib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from email.parser import BytesHeaderParser
 
 from carrier.config import Config, MailAccount
 from carrier.errors import CarrierError
 from carrier.mail.connect import MailConnectError, smtp_connect
+from carrier.mail.lease import owner_alive, owner_token
 from carrier.store import OutboxRecord, Store
 from carrier.store import gateway as sql
 
@@ -31,6 +40,52 @@ BACKOFF_BASE = 5.0
 BACKOFF_MAX = 3600.0
 #: How long a sender holds a row while it talks to the SMTP server.
 CLAIM_SECONDS = 300.0
+#: The longest a job's mail waits for the mails before it in its thread.
+ORDER_HOLD_SECONDS = 600.0
+#: How often the sender looks again while every due mail waits for another one.
+HELD_POLL = 1.0
+_JOB_MAIL_RE = re.compile(r"<(?:result|progress)\.(j-[a-z0-9]+)[.@]")
+_OPEN_MAIL_STATES = ("received", "processing")
+
+
+def job_of_mail(message_id: str) -> str | None:
+    """The job a result/progress mail reports on (from its Message-ID), else None."""
+    match = _JOB_MAIL_RE.match(message_id)
+    return match.group(1) if match else None
+
+
+def _thread_of(head: bytes) -> str | None:
+    value = BytesHeaderParser().parsebytes(head).get("In-Reply-To")
+    return str(value).strip() or None if value is not None else None
+
+
+def held_back(
+    heads: Iterable[sql.OutboxHead], now: float, command_state: Callable[[str], str | None]
+) -> set[int]:
+    """Ids of pending rows that must wait for another mail of their thread (see the module doc)."""
+    pending = list(heads)
+    threads = {h.outbox_id: _thread_of(h.head) for h in pending}
+    held: set[int] = set()
+    for row in pending:
+        job = job_of_mail(row.message_id)
+        if job is None or now - row.created_at >= ORDER_HOLD_SECONDS:
+            continue
+        if command_state(job) in _OPEN_MAIL_STATES:
+            held.add(row.outbox_id)  # the command's reply is not even queued yet
+            continue
+        thread = threads[row.outbox_id]
+        if thread is None:
+            continue
+        for other in pending:
+            if other.outbox_id == row.outbox_id or other.account != row.account:
+                continue
+            if threads[other.outbox_id] != thread:
+                continue
+            # Before a job's mail: the thread's other replies, and job mails queued earlier.
+            if job_of_mail(other.message_id) is None or other.outbox_id < row.outbox_id:
+                held.add(row.outbox_id)
+                break
+    return held
 
 
 class PermanentFailure(CarrierError):
@@ -91,9 +146,14 @@ class Outbox:
         send: Sender | None = None,
         base: float = BACKOFF_BASE,
         cap: float = BACKOFF_MAX,
+        owner: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        #: This sender's name on its claims (``carrier.mail.lease``).
+        self.owner = owner or owner_token()
+        #: Due rows left waiting for another mail of their thread in the last pass.
+        self.held: set[int] = set()
         self._send = send or (lambda account, raw, rcpts: smtp_send_raw(account, raw, rcpts))
         self.base = base
         self.cap = cap
@@ -108,8 +168,15 @@ class Outbox:
 
     def _deliver(self, record: OutboxRecord) -> bool:
         now = self.store.clock()
-        if not sql.claim_outbox(self.store, record.id, record.next_attempt_at, now + CLAIM_SECONDS):
+        if not sql.claim_outbox(self.store, record.id, record.next_attempt_at, now + CLAIM_SECONDS,
+                                self.owner):
             return False  # another sender has it
+        try:
+            return self._send_claimed(record)
+        finally:
+            sql.release_outbox_claim(self.store, record.id, self.owner)
+
+    def _send_claimed(self, record: OutboxRecord) -> bool:
         try:
             account = self.config.account(record.account)
         except CarrierError as exc:
@@ -138,9 +205,25 @@ class Outbox:
         log.info("reply sent", extra={"outbox": record.id, "message_id": record.message_id})
         return True
 
+    def take_over_dead_claims(self) -> int:
+        """Make rows claimed by senders that no longer run due now; return how many."""
+        taken = 0
+        for claim in sql.outbox_claims(self.store):
+            if claim.owner != self.owner and not owner_alive(claim.owner) \
+                    and sql.take_over_outbox(self.store, claim):
+                log.info("outbox claim of a stopped sender taken over",
+                         extra={"outbox": claim.outbox_id, "holder": claim.owner})
+                taken += 1
+        return taken
+
     def deliver_due(self, limit: int = 50) -> int:
-        """Send every due message once; return how many went out."""
-        return sum(1 for record in self.store.outbox_due(limit=limit) if self._deliver(record))
+        """Send every due message once, in thread order; return how many went out."""
+        self.take_over_dead_claims()
+        due = self.store.outbox_due(limit=limit)
+        held = held_back(sql.outbox_heads(self.store), self.store.clock(),
+                         lambda job: sql.command_state_of_job(self.store, job)) if due else set()
+        self.held = {r.id for r in due} & held
+        return sum(1 for record in due if record.id not in held and self._deliver(record))
 
     def next_due_in(self) -> float | None:
         """Seconds until the next pending message is due (None: nothing pending)."""
@@ -157,4 +240,6 @@ class Outbox:
                 log.exception("outbox loop error")
             due = self.next_due_in()
             wait = idle if due is None else min(idle, max(0.05, due))
+            if self.held and due == 0.0:  # what is due waits for another mail: no busy loop
+                wait = min(idle, HELD_POLL)
             self.wake.wait(wait)

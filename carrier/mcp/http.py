@@ -225,6 +225,14 @@ def _check_listen(config: Config, plain: bool) -> None:
             raise HttpDoorError(f"{path} does not exist: run `carrier cert` or fix mcp.tls_cert/tls_key")
 
 
+def _port_problem(config: Config) -> str | None:
+    from carrier.ports import port_taken
+
+    return port_taken("the MCP HTTP door", config.mcp.bind_host, config.mcp.port,
+                      "Stop that process, or give the door a free port: mcp.port in carrier.yml "
+                      "(or MCP_PORT).")
+
+
 def start_http_door(
     config: Config,
     context: ServerContext | None = None,
@@ -241,6 +249,9 @@ def start_http_door(
     otherwise they are built here (and closed by ``stop``).
     """
     _check_listen(config, plain)
+    taken = _port_problem(config)
+    if taken is not None:
+        raise HttpDoorError(taken)
     services = Services(config, store=store, trust=trust, jobs=jobs)
     app, context = build_http_app(config, services, context=context, plain=plain)
     ssl: dict[str, Any] = (
@@ -273,9 +284,10 @@ def start_http_door(
             server.should_exit = True
             context.close()
             services.close()
-            why = f": {failed[0]}" if failed else " (is the port in use? see the log)"
-            raise HttpDoorError(
-                f"the MCP HTTP door did not start on {config.mcp.bind_host}:{config.mcp.port}{why}"
+            why = f": {failed[0]}" if failed else " (see the log)"
+            raise HttpDoorError(  # taken since the check above, or another failure
+                _port_problem(config)
+                or f"the MCP HTTP door did not start on {config.mcp.bind_host}:{config.mcp.port}{why}"
             )
         time.sleep(0.02)
     url = f"{base_url(config, plain=plain)}{MCP_PATH}"

@@ -31,6 +31,7 @@ from carrier.auth.tokens import IssuedToken
 from carrier.config import Config
 from carrier.errors import CarrierError
 from carrier.formats import FormatError, check_job_id, check_token_id, pattern_problem
+from carrier.jobs.engines import check_controller_use
 from carrier.jobs.manager import JobView
 from carrier.jobs.pty import OutputRead, WaitResult
 from carrier.jobs.ptyengine import PtyJobs
@@ -180,7 +181,15 @@ class Ops:
         for group, hosts in groups.items():
             for host in hosts:
                 member.setdefault(host, []).append(group)
-        return tuple(HostRef(n, tuple(sorted(member.get(n, ())))) for n in names)
+        # ``local``: running there means running on this machine (the policy wants `local: true`).
+        return tuple(HostRef(n, tuple(sorted(member.get(n, ()))), local=inventory.is_controller(n))
+                     for n in names)
+
+    def _controller(self, who: Identity) -> bool:
+        """Whether the engines may run on the controller's own hosts for ``who`` (the policy has
+        already refused a controller host to a role without ``local: true``)."""
+        role = self.policy.role_of(who)
+        return bool(role and role.local)
 
     def _submit(self, who: Identity, submit: Callable[[], JobView], within: Within | None,
                 detail: Mapping[str, Any] | None = None) -> JobView:
@@ -264,11 +273,16 @@ class Ops:
         if info is None:
             raise self.refuse(who, request, f"no playbook named {stem!r}: `playbooks` lists the ones "
                               "you may run")
+        try:  # a playbook that reaches the controller says so in its metadata, and needs a local role
+            check_controller_use(info, controller=self._controller(who))
+        except CarrierError as exc:
+            raise self.refuse(who, request, str(exc)) from None
         pattern = limit or info.default_limit or "all"
         hosts = self._hosts(who, request, pattern)
-        request = Request("playbook", hosts, playbook=info.name, tool=tool, admin_only=info.admin_only)
+        request = Request("playbook", hosts, playbook=info.name, tool=tool, admin_only=info.admin_only,
+                          controller=info.controller)
         options: dict[str, Any] = {"limit": pattern, "extra_vars": dict(extra_vars or {}), "check": check,
-                                   "diff": diff}
+                                   "diff": diff, "controller": self._controller(who)}
         if tags:
             options["tags"] = ",".join(tags)
         if skip_tags:
@@ -321,7 +335,8 @@ class Ops:
         manager = self.jobs.manager
         return self._plan(who, request, lambda within: self._submit(
             who, lambda: manager.run_exec(pattern, cmd, owner=who.name, door=who.door, shell=shell,
-                                          timeout=timeout), within, {"command": text[:200]}))
+                                          timeout=timeout, controller=self._controller(who)),
+            within, {"command": text[:200]}))
 
     def exec(self, who: Identity, pattern: str, command: Sequence[str] | str, **options: Any) -> JobView:
         return self.plan_exec(who, pattern, command, **options).run()
@@ -449,7 +464,7 @@ class Ops:
             if value is not None:
                 options[name] = value
         spec = {"host": host, "command": cmd if isinstance(cmd, str) else list(cmd), "shell": use_shell,
-                **options}
+                "controller": self._controller(who), **options}
 
         def run(within: Within | None) -> JobView:
             view = self._submit(who, lambda: self.jobs.manager.submit("pty", spec, owner=who.name,

@@ -6,7 +6,10 @@
   written in the same transaction as the job, so a resumed mail never runs a command twice.
 - ``mail_jobs``: jobs started by mail that still owe a result mail (and progress mails).
 - outbox claims: a short lease on an outbox row (its ``next_attempt_at`` moved forward with a
-  compare-and-set) so two senders never send one message at once.
+  compare-and-set, the holder in ``claimed_by``, migration 5) so two senders never send one message
+  at once; a dead holder's claim is taken over at once (``take_over_outbox``).
+- outbox order: ``outbox_heads`` and ``command_state_of_job`` give what ``carrier.mail.outbox``
+  needs to send a thread's mails in order (a command's reply before its jobs' result mails).
 """
 
 from __future__ import annotations
@@ -172,15 +175,96 @@ def progress_sent(store: Store, job_id: str, count: int) -> bool:
     return cur.rowcount == 1
 
 
-def claim_outbox(store: Store, outbox_id: int, seen_next: float, until: float) -> bool:
-    """Hold a due outbox row until ``until`` (compare-and-set on ``next_attempt_at``)."""
+def claim_outbox(
+    store: Store, outbox_id: int, seen_next: float, until: float, owner: str | None = None
+) -> bool:
+    """Hold a due outbox row until ``until`` for ``owner`` (compare-and-set on ``next_attempt_at``)."""
     with store.transaction() as conn:
         cur = conn.execute(
-            "UPDATE outbox SET next_attempt_at = ? "
+            "UPDATE outbox SET next_attempt_at = ?, claimed_by = ? "
             "WHERE id = ? AND state = 'pending' AND next_attempt_at = ?",
-            (until, int(outbox_id), seen_next),
+            (until, owner, int(outbox_id), seen_next),
         )
     return cur.rowcount == 1
+
+
+def release_outbox_claim(store: Store, outbox_id: int, owner: str) -> None:
+    """Forget ``owner``'s claim (the row was sent, failed, or rescheduled by it)."""
+    with store.transaction() as conn:
+        conn.execute("UPDATE outbox SET claimed_by = NULL WHERE id = ? AND claimed_by = ?",
+                     (int(outbox_id), owner))
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxClaim:
+    outbox_id: int
+    owner: str
+    until: float
+
+
+def outbox_claims(store: Store) -> list[OutboxClaim]:
+    """Claims on pending rows that have not run out yet."""
+    rows = (
+        store._conn()
+        .execute(
+            "SELECT id, claimed_by, next_attempt_at FROM outbox "
+            "WHERE state = 'pending' AND claimed_by IS NOT NULL AND next_attempt_at > ?",
+            (store.clock(),),
+        )
+        .fetchall()
+    )
+    return [OutboxClaim(int(r["id"]), str(r["claimed_by"]), float(r["next_attempt_at"])) for r in rows]
+
+
+def take_over_outbox(store: Store, claim: OutboxClaim) -> bool:
+    """Make a row claimed by a dead sender due now (compare-and-set on holder and claim end)."""
+    with store.transaction() as conn:
+        cur = conn.execute(
+            "UPDATE outbox SET next_attempt_at = ?, claimed_by = NULL "
+            "WHERE id = ? AND state = 'pending' AND claimed_by = ? AND next_attempt_at = ?",
+            (store.clock(), claim.outbox_id, claim.owner, claim.until),
+        )
+    return cur.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxHead:
+    """A pending outbox row and the start of its bytes (where its headers are)."""
+
+    outbox_id: int
+    account: str
+    message_id: str
+    head: bytes
+    created_at: float
+
+
+def outbox_heads(store: Store, head_bytes: int = 16384) -> list[OutboxHead]:
+    """Every pending row with the first ``head_bytes`` of its message, oldest first."""
+    rows = (
+        store._conn()
+        .execute(
+            "SELECT id, account, message_id, substr(raw, 1, ?) AS head, created_at FROM outbox "
+            "WHERE state = 'pending' ORDER BY id",
+            (head_bytes,),
+        )
+        .fetchall()
+    )
+    return [OutboxHead(int(r["id"]), str(r["account"]), str(r["message_id"]), bytes(r["head"]),
+                       float(r["created_at"])) for r in rows]
+
+
+def command_state_of_job(store: Store, job_id: str) -> str | None:
+    """The state of the mail that started ``job_id`` (None: not started by mail, or unknown)."""
+    row = (
+        store._conn()
+        .execute(
+            "SELECT m.state FROM mail_jobs j JOIN messages m "
+            "ON m.account = j.account AND m.message_id = j.message_id WHERE j.job_id = ?",
+            (job_id,),
+        )
+        .fetchone()
+    )
+    return None if row is None else str(row["state"])
 
 
 def outbox_counts(store: Store) -> dict[str, int]:

@@ -268,8 +268,14 @@ _V4 = Migration(
     ),
 )
 
+_V5 = Migration(
+    5,
+    "outbox: who holds a send claim (a dead sender's claim is taken over at once)",
+    ("ALTER TABLE outbox ADD COLUMN claimed_by TEXT",),
+)
+
 #: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5)
 
 #: The schema version this Carrier writes and understands.
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -131,6 +131,34 @@ def send_signed(sandbox: Sandbox, user: GpgUser, text: str, subject: str) -> tup
     return message_id, raw
 
 
+def store_keys(sandbox: Sandbox) -> dict[str, str]:
+    """The store key (UIDVALIDITY and UID, see ``carrier.mail.gateway.message_key``) of every mail in
+    carrier@'s INBOX, by its Message-ID (the first mail with that Message-ID)."""
+    from carrier.mail.gateway import message_key
+
+    with imap_as(sandbox.layout, "carrier") as client:
+        info = client.select_folder("INBOX", readonly=True)
+        validity = int(info[b"UIDVALIDITY"])
+        uids = sorted(client.search("ALL"))
+        data = client.fetch(uids, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]) if uids else {}
+    out: dict[str, str] = {}
+    for uid in uids:
+        head = email.message_from_bytes(data[uid][b"BODY[HEADER.FIELDS (MESSAGE-ID)]"])
+        out.setdefault(str(head.get("Message-ID", "")).strip(), message_key(validity, uid))
+    return out
+
+
+def store_key(sandbox: Sandbox, message_id: str, timeout: float = 30) -> str:
+    """The store key of the mail with ``message_id`` in carrier@'s INBOX (waits for its delivery)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        key = store_keys(sandbox).get(message_id)
+        if key is not None:
+            return key
+        time.sleep(0.05)
+    raise AssertionError(f"no mail {message_id} in carrier@'s INBOX")
+
+
 def replies_for(sandbox: Sandbox, identity: str, token: str) -> list[Message]:
     """Messages in ``identity``'s INBOX whose subject carries ``token`` (oldest first)."""
     with imap_as(sandbox.layout, identity) as client:

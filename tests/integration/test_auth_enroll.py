@@ -305,7 +305,10 @@ def test_concurrent_enroll_mails_make_one_challenge(world: World) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r.status for r in results) == ["challenged", "pending", "pending", "pending"]
+    statuses = sorted(r.status for r in results)
+    # Requests that all looked a key up at once may meet the per-address enrollment limit (3).
+    assert statuses[0] == "challenged" and set(statuses[1:]) <= {"pending", "rate_limited"}, statuses
+    assert statuses.count("rate_limited") <= 1
     assert len(world.store.find_enrollments(email="newbie@example.test")) == 1
 
 

@@ -17,6 +17,7 @@ from door_support import (
     identities,
     local_door,
     serving,
+    store_keys,
     text_of,
     wait_replies,
 )
@@ -332,11 +333,13 @@ def test_listener_survives_bad_mail_and_answers_the_next_good_one(sandbox: Sandb
         # Every bad mail is recorded (nothing lost); the 50 MB one was never fetched.
         deadline = time.monotonic() + 60
         rows: dict[str, tuple[str, str | None]] = {}
+        keys = store_keys(sandbox)  # Message-ID -> the store's UIDVALIDITY/UID key
         while time.monotonic() < deadline:
-            rows = {
+            by_key = {
                 str(k): (str(s), e)
                 for k, s, e in db_rows(state, "SELECT message_id, state, error FROM messages")
             }
+            rows = {mid: by_key[key] for mid, key in keys.items() if key in by_key}
             if all(message_id(raw) in rows for raw in bad):
                 break
             time.sleep(0.2)

@@ -24,6 +24,7 @@ from door_support import (
     replies_for,
     send_signed,
     serving,
+    store_key,
     text_of,
     wait_replies,
 )
@@ -35,11 +36,12 @@ from carrier.sandbox.manager import Sandbox
 NEWBIE = address("newbie")
 
 
-def wait_handled(state: Path, message_id: str, timeout: float = 60) -> tuple[Any, ...]:
+def wait_handled(sandbox: Sandbox, state: Path, message_id: str, timeout: float = 60) -> tuple[Any, ...]:
     """(state, error) of a mail once Carrier has finished with it."""
+    key = store_key(sandbox, message_id)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = db_rows(state, "SELECT state, error FROM messages WHERE message_id = ?", (message_id,))
+        rows = db_rows(state, "SELECT state, error FROM messages WHERE message_id = ?", (key,))
         if rows and rows[0][0] in ("done", "failed"):
             return rows[0]
         time.sleep(0.1)
@@ -70,7 +72,7 @@ def test_enroll_confirm_approve_and_run_by_mail(sandbox: Sandbox) -> None:
         # Not enrolled yet: a signed run is recorded, never answered, and starts no job.
         early = token("early")
         early_id, _ = send_signed(sandbox, newbie, "run ping on web1\n", early)
-        assert wait_handled(state, early_id) == ("failed", "not enrolled")
+        assert wait_handled(sandbox, state, early_id) == ("failed", "not enrolled")
         assert db_rows(state, "SELECT id FROM jobs") == []
 
         # 1. `enroll`, unsigned: the challenge comes back encrypted to the key on the keyserver.
@@ -146,7 +148,7 @@ def test_enroll_confirm_approve_and_run_by_mail(sandbox: Sandbox) -> None:
         assert db_rows(state, "SELECT id, owner, target, status FROM jobs") == [
             (job_id, NEWBIE, "web1", "succeeded")
         ]
-        assert wait_handled(state, run_id) == ("done", None)
+        assert wait_handled(sandbox, state, run_id) == ("done", None)
 
         # The local admin's revoke ends it: the next signed mail runs nothing.
         done = subprocess.run(
@@ -170,7 +172,7 @@ def test_enroll_confirm_approve_and_run_by_mail(sandbox: Sandbox) -> None:
         assert newbie_enrollments(state) == [(request_id, "revoked", "operator")]
         late = token("late")
         late_id, _ = send_signed(sandbox, newbie, "run ping on web1\n", late)
-        assert wait_handled(state, late_id)[0] == "failed"
+        assert wait_handled(sandbox, state, late_id)[0] == "failed"
         assert len(db_rows(state, "SELECT id FROM jobs")) == 1
         assert serve.stop() == 0
 

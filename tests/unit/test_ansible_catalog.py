@@ -19,6 +19,7 @@ from carrier.ansible.catalog import (
     parse_assignments,
     validate_extra_vars,
 )
+from carrier.ansible.controller import controller_uses
 from carrier.ansible.errors import ExtraVarsError, PlaybookError
 
 BUNDLED = Path(__file__).resolve().parents[2] / "playbooks"
@@ -245,3 +246,74 @@ def test_bundled_playbooks_pass_ansible_syntax_check(tmp_path: Path) -> None:
     done = subprocess.run([str(binary), "-i", "localhost,", "--syntax-check", *books],
                           capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- the controller
+
+
+@pytest.mark.parametrize(
+    ("play", "found"),
+    [
+        ("- hosts: localhost\n  tasks: [{ansible.builtin.ping: }]\n",
+         "hosts 'localhost' names the controller"),
+        ("- hosts: web,127.0.0.1\n  tasks: []\n", "names the controller"),
+        ("- hosts: ['::1']\n  tasks: []\n", "names the controller"),
+        ("- hosts: all\n  connection: local\n  tasks: []\n", "connection: local"),
+        ("- hosts: all\n  vars: {ansible_connection: local}\n  tasks: []\n", "ansible_connection: local"),
+        ("- hosts: all\n  tasks:\n    - name: here\n      ansible.builtin.command: id\n"
+         "      delegate_to: localhost\n", "task 'here': delegate_to 'localhost' is the controller"),
+        ("- hosts: all\n  tasks:\n    - ansible.builtin.command: id\n      delegate_to: '{{ x }}'\n",
+         "is a template Carrier cannot judge"),
+        ("- hosts: all\n  tasks:\n    - block:\n        - local_action: ansible.builtin.command id\n",
+         "local_action"),
+        ("- hosts: all\n  tasks:\n    - ansible.builtin.debug: {msg: \"{{ lookup('pipe', 'id') }}\"}\n",
+         "pipe/lines lookup"),
+        ("- hosts: all\n  tasks:\n    - ansible.builtin.include_tasks: inner.yml\n",
+         "delegate_to 'localhost'"),
+        ("- hosts: all\n  tasks:\n    - ansible.builtin.import_tasks: '{{ f }}.yml'\n", "cannot follow"),
+        ("- hosts: all\n  tasks:\n    - ansible.builtin.import_tasks: /etc/elsewhere.yml\n",
+         "not a file beside the playbook"),
+        ("- ansible.builtin.import_playbook: sneaky.yml\n", "sneaky.yml play 1: hosts 'localhost'"),
+        ("- hosts: all\n  roles: [collect]\n", "connection: local"),
+        ("- hosts: all\n  roles: [{role: elsewhere}]\n", "not a file beside the playbook"),
+        ("- hosts: all\n  tasks:\n    - ansible.builtin.include_role: {name: collect}\n",
+         "connection: local"),
+    ],
+)
+def test_playbooks_that_touch_the_controller_are_found(tmp_path: Path, play: str, found: str) -> None:
+    root = tmp_path / "playbooks"
+    write(root / "inner.yml", "- ansible.builtin.command: id\n  delegate_to: localhost\n")
+    write(root / "sneaky.yml", "- hosts: localhost\n  tasks: []\n")
+    write(root / "roles" / "collect" / "tasks" / "main.yml",
+          "- ansible.builtin.command: id\n  connection: local\n")
+    write(root / "it.yml", play)
+    uses = controller_uses(root / "it.yml")
+    assert any(found in use for use in uses), uses
+
+
+def test_playbooks_that_stay_on_their_hosts_have_no_controller_use(tmp_path: Path) -> None:
+    root = tmp_path / "playbooks"
+    write(root / "inner.yml", "- ansible.builtin.ping:\n")
+    write(root / "it.yml", """\
+        - hosts: web:&prod
+          tasks:
+            - ansible.builtin.command: id
+              delegate_to: db1
+            - ansible.builtin.include_tasks: inner.yml
+            - ansible.builtin.debug: {msg: "{{ lookup('env', 'HOME') }}"}
+        """)
+    write(root / "broken.yml", "- hosts: all\n  tasks:\n    - ansible.builtin.ping:\n     foo: [\n")
+    assert controller_uses(root / "it.yml") == ()
+    assert controller_uses(root / "broken.yml") == ()  # ansible refuses it at run time
+    for info in Catalog([BUNDLED]).list():
+        assert controller_uses(info.path) == (), info.name
+        assert info.controller is False
+
+
+def test_the_controller_flag_is_read_from_the_metadata(pbdir: Path) -> None:
+    write(pbdir / "plain.meta.yml", "controller: true\n")
+    info = Catalog([pbdir]).get("plain")
+    assert info is not None and info.controller is True and info.to_dict()["controller"] is True
+    write(pbdir / "plain.meta.yml", "controller: maybe\n")
+    with pytest.raises(PlaybookError, match="controller must be true or false"):
+        Catalog([pbdir]).get("plain")

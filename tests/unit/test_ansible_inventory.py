@@ -4,13 +4,14 @@ settings, reload on change, and bad input refused before it reaches an argv."""
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from carrier.ansible.errors import HostError, InventoryError, PatternError
+from carrier.ansible.errors import ControllerError, HostError, InventoryError, PatternError
 from carrier.ansible.inventory import Inventory, check_address, check_pattern
 
 HOSTS = """\
@@ -151,6 +152,51 @@ def test_unknown_names_anywhere_in_a_pattern_are_errors(inventory: Inventory) ->
         inventory.resolve("web1,zz*")
 
 
+@pytest.mark.parametrize("pattern", ["localhost", "127.0.0.1", "::1", "LocalHost", "all:localhost",
+                                     "web1,127.0.0.1", "web:&localhost", "all:!localhost"])
+def test_ansibles_implicit_localhost_is_never_selected(inventory: Inventory, pattern: str) -> None:
+    # Ansible answers these with an invented localhost (connection local): the controller itself.
+    with pytest.raises(ControllerError, match="implicit localhost"):
+        inventory.resolve(pattern)
+    with pytest.raises(ControllerError, match="implicit localhost"):
+        inventory.targets(pattern, controller=True)
+
+
+def test_the_machines_own_hostname_is_not_a_host_unless_the_inventory_names_it(inventory: Inventory) -> None:
+    refused = "unknown host or group|implicit localhost"  # getfqdn() may say "localhost"
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        with pytest.raises(PatternError, match=refused):
+            inventory.resolve(name)
+        with pytest.raises(PatternError, match=refused):
+            inventory.targets(f"web1,{name}", controller=True)
+
+
+def test_controller_hosts_named_by_the_inventory_need_the_policy(tmp_path: Path) -> None:
+    hostname = socket.gethostname()
+    inv = write(tmp_path / "hosts.yml", f"""\
+        all:
+          hosts:
+            web1: {{ansible_host: 10.0.0.1}}
+            localhost: {{ansible_connection: local}}
+            here: {{ansible_connection: local}}
+            loop: {{ansible_host: 127.0.0.1}}
+            self: {{ansible_host: "{hostname}"}}
+            {hostname}: {{}}
+            sandbox: {{ansible_host: 127.0.0.11}}
+        """)
+    inventory = Inventory(inv)
+    local = ["localhost", "here", "loop", "self", hostname]
+    assert [h for h in inventory.hosts() if inventory.is_controller(h)] == local
+    assert inventory.resolve("all") == ["web1", *local[:4], hostname, "sandbox"]
+    for name in local:
+        with pytest.raises(ControllerError, match=f"selects {name}, the Carrier controller itself"):
+            inventory.targets(name)
+        assert inventory.targets(name, controller=True) == [name]
+    with pytest.raises(ControllerError, match="local: true"):
+        inventory.targets("all")
+    assert inventory.targets("web1,sandbox") == ["web1", "sandbox"]
+
+
 def test_a_pattern_selecting_nothing_is_an_error(inventory: Inventory) -> None:
     with pytest.raises(PatternError, match="selects no host"):
         inventory.resolve("web:&db")
@@ -185,6 +231,8 @@ def test_templated_connection_vars_are_rendered(inventory: Inventory) -> None:
 
 def test_local_connection(inventory: Inventory) -> None:
     assert inventory.conn("lab1").connection == "local"
+    assert inventory.is_controller("lab1")
+    assert not inventory.is_controller("web1")
 
 
 def test_host_vars_include_group_vars(inventory: Inventory) -> None:

@@ -204,6 +204,7 @@ def test_ansible_env_is_clean_and_keeps_host_key_checking_on(tmp_path: Path) -> 
     assert env["ANSIBLE_SSH_ARGS"] == ansible_ssh_args(tmp_path)
     assert env["HOME"] == "/root" and env["SSH_AUTH_SOCK"] == "/run/agent.sock"
     assert "/evil" not in env["PATH"]
+    assert env["PYTHONWARNINGS"] == "ignore"  # the controller's own Python warnings stay out of job output
     joined = repr(env)
     for secret in ("hunter2-secret", "sk-123456", "abc123456"):
         assert secret not in joined

@@ -13,7 +13,7 @@ from carrier.auth.keyring import normalize_fingerprint, parse_colons, uid_addres
 from carrier.auth.keyserver import check_address, choose_key, vks_url, wkd_hash, wkd_url, zbase32
 from carrier.auth.netgate import NetGate, bearer_token
 from carrier.auth.pgp import canonical_crlf, judge, parse_clearsigned, signature_digest, split_multipart
-from carrier.auth.ratelimit import address_key
+from carrier.auth.ratelimit import address_key, enroll_keys
 
 FPR = "1B1B6BE6ED14EF8BB63311B8FA2D975331FFC5B9"
 SUB = "FB628391CE164777FC0C80ACB28FD3C75184ACDB"
@@ -292,3 +292,6 @@ def test_bearer_header_and_rate_keys() -> None:
     assert bearer_token("Bearer ") is None
     assert address_key("2001:db8::1") == address_key("2001:db8::ffff") == "addr:2001:db8::/64"
     assert address_key("::ffff:10.0.0.1") == "addr:10.0.0.1"
+    # Enrollment: one bucket per address and one per domain, whatever the case.
+    assert enroll_keys(" Ghost@Example.TEST") == ("enroll:ghost@example.test", "enroll-domain:example.test")
+    assert enroll_keys("a@x.test")[1] == enroll_keys("b@X.test")[1]

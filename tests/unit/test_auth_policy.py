@@ -32,7 +32,9 @@ ROLES = {
                   mail=("mail_*",)),
     "reader": Role(mail=("mail_inbox_*", "mail_folder_list")),
     "nodb": Role(exec=True, hosts="all:!db"),
+    "local": Role(playbooks=("*",), exec=True, pty=True, modules=("ping",), local=True),
 }
+HERE = HostRef("here", ("lab",), local=True)
 
 
 def who(role: str, **kw: object) -> Identity:
@@ -97,6 +99,31 @@ def test_hosts_outside_the_role_are_named() -> None:
 def test_no_resolved_host_is_a_denial() -> None:
     denied = reason(who("operator"), Request("exec", (), command="uptime"))
     assert denied == "no target host matched the pattern"
+
+
+@pytest.mark.parametrize("action", ["exec", "pty", "adhoc", "playbook"])
+def test_the_controller_is_a_target_only_for_a_local_role(action: str) -> None:
+    request = Request(action, (WEB1, HERE), command="uptime", module="ping", playbook="ping")  # type: ignore[arg-type]
+    for role in ("operator", "admin"):
+        assert "may not target the Carrier controller (here): that needs `local: true`" in reason(
+            who(role, admin=role == "admin"), request)
+    assert ok(who("local"), request)
+    assert ok(who("operator"), Request(action, (WEB1,), command="uptime", module="ping",  # type: ignore[arg-type]
+                                       playbook="ping"))
+
+
+def test_a_controller_playbook_needs_a_local_role() -> None:
+    request = Request("playbook", (WEB1,), playbook="collect", controller=True)
+    assert "runs tasks on the Carrier controller" in reason(who("operator"), request)
+    assert "needs `local: true`" in reason(who("admin", admin=True), request)
+    assert ok(who("local"), request)
+
+
+def test_no_default_role_is_local() -> None:
+    from carrier.config import _default_roles
+
+    assert not any(role.local for role in _default_roles().values())
+    assert not Role().local
 
 
 def test_viewer_may_not_exec_pty_or_run() -> None:

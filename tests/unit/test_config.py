@@ -103,6 +103,7 @@ users:
 roles:
   deployer: {{playbooks: ["deploy_*", restart_nginx], hosts: web, exec: true, shell: false, pty: true}}
   viewer: {{}}
+  lab: {{exec: true, local: true}}
 allowed_senders: [ops@example.test, admin@example.test]
 admin_contacts: [boss@example.test]
 
@@ -179,6 +180,7 @@ def test_full_file_loads_with_typed_values(site: Path) -> None:
             playbooks=("deploy_*", "restart_nginx"), hosts="web", exec=True, shell=False, pty=True
         ),
         "viewer": Role(playbooks=(), hosts="all", exec=False, shell=False, pty=False),
+        "lab": Role(exec=True, local=True),
     }
     assert cfg.allowed_senders == ("ops@example.test", "admin@example.test")
     assert cfg.admin_contacts == ("boss@example.test",)

@@ -12,15 +12,21 @@ import pytest
 from carrier.config import load_config
 from carrier.mail.door import robot_reason
 from carrier.mail.gateway import message_key, reconnect_delay
-from carrier.mail.outbox import Outbox, PermanentFailure, backoff
+from carrier.mail.outbox import ORDER_HOLD_SECONDS, Outbox, PermanentFailure, backoff, held_back, job_of_mail
 from carrier.mail.parse import parse_headers
 from carrier.store import Store
+from carrier.store import gateway as sql
 
 
-def test_message_key_prefers_a_sane_message_id() -> None:
-    assert message_key(b"Message-ID: <abc@example.test>\r\n\r\n", 7, 42) == "<abc@example.test>"
-    assert message_key(b"\r\n", 7, 42) == "uid:7:42"
-    assert message_key(b"Message-ID: <a b@x>\r\n", 7, 42) == "uid:7:42"
+def test_message_key_is_what_the_server_guarantees_never_the_message_id() -> None:
+    # The sender picks the Message-ID: keyed by it, a forgery arriving first would claim a later mail.
+    assert message_key(7, 42) == "uid:7:42"
+    assert message_key(7, 43) != message_key(7, 42) != message_key(8, 42)
+    # Another folder may share the inbox's UIDVALIDITY: its keys differ.
+    other = message_key(7, 42, "Commands")
+    assert other.startswith("uid:") and other.endswith(":7:42") and other != message_key(7, 42)
+    with pytest.raises(ValueError, match="cannot identify"):
+        message_key(7, 0)
 
 
 def test_reconnect_delay_doubles_with_jitter_and_a_cap() -> None:
@@ -126,6 +132,52 @@ def test_outbox_permanent_refusal_is_kept_as_failed(config: Path, tmp_path: Path
     record = store.outbox_get(oid)
     assert record is not None and record.state == "failed" and "550" in (record.last_error or "")
     store.close()
+
+
+def reply_bytes(thread: str, text: str) -> bytes:
+    return f"From: carrier@example.test\r\nIn-Reply-To: {thread}\r\n\r\n{text}".encode()
+
+
+def test_a_dead_senders_claim_is_taken_over_at_once(config: Path, tmp_path: Path) -> None:
+    cfg = load_config(config, {})
+    store = Store.open(tmp_path / "state")
+    sent: list[bytes] = []
+    box = Outbox(cfg, store, send=lambda account, raw, rcpts: sent.append(raw))
+    oid = box.queue("carrier", "<ack@example.test>", ["ops@example.test"], b"ack")
+    record = store.outbox_get(oid)
+    assert record is not None
+    # A sender (pid 1's start identity never matches this string: it no longer runs) claimed it.
+    dead = "1|not-the-start-of-pid-1|abc"
+    assert sql.claim_outbox(store, oid, record.next_attempt_at, store.clock() + 300, dead)
+    assert box.deliver_due() == 1 and sent == [b"ack"]
+    # A live sender's claim (this process) is respected until it runs out.
+    other = Outbox(cfg, store, send=lambda account, raw, rcpts: sent.append(raw))
+    oid2 = box.queue("carrier", "<ack2@example.test>", ["ops@example.test"], b"ack2")
+    record = store.outbox_get(oid2)
+    assert record is not None
+    assert sql.claim_outbox(store, oid2, record.next_attempt_at, store.clock() + 300, box.owner)
+    assert other.deliver_due() == 0 and sent == [b"ack"]
+    store.close()
+
+
+def test_a_jobs_mails_wait_for_the_reply_of_their_thread() -> None:
+    def head(oid: int, message_id: str, thread: str, created: float = 100.0) -> sql.OutboxHead:
+        return sql.OutboxHead(oid, "carrier", message_id, reply_bytes(thread, "x"), created)
+
+    ack = head(1, "<a1@example.test>", "<cmd1@x>")
+    result = head(2, "<result.j-aaaaaaaaaaaa@example.test>", "<cmd1@x>")
+    progress = head(3, "<progress.j-bbbbbbbbbbbb.1@example.test>", "<cmd2@x>")
+    later = head(4, "<result.j-bbbbbbbbbbbb@example.test>", "<cmd2@x>")
+    elsewhere = head(5, "<result.j-cccccccccccc@example.test>", "<cmd3@x>")
+    done = {"j-aaaaaaaaaaaa": "done", "j-bbbbbbbbbbbb": "done", "j-cccccccccccc": "done"}
+    assert held_back([ack, result, progress, later, elsewhere], 110.0, done.get) == {2, 4}
+    # The result was queued before the reply: it waits while the command mail is being handled.
+    assert held_back([result], 110.0, {"j-aaaaaaaaaaaa": "processing"}.get) == {2}
+    assert held_back([result], 110.0, done.get) == set()
+    # A reply that cannot go out holds the results back for ORDER_HOLD_SECONDS at most.
+    assert held_back([ack, result], 100.0 + ORDER_HOLD_SECONDS, done.get) == set()
+    assert job_of_mail("<progress.j-bbbbbbbbbbbb.1@example.test>") == "j-bbbbbbbbbbbb"
+    assert job_of_mail("<a1@example.test>") is None
 
 
 def test_listeners_run_only_for_command_accounts(tmp_path: Path) -> None:
