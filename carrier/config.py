@@ -131,6 +131,17 @@ class McpSettings:
     tls_key: Path | None = None
     ip_allow: tuple[IPNetwork, ...] = ()
     ip_deny: tuple[IPNetwork, ...] = ()
+    #: Reverse proxies whose ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed (CIDRs). Empty:
+    #: the headers are ignored from everyone, loopback included, so no local process can pose as
+    #: another address to get past ``ip_allow`` or the per-address rate limit.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Seconds a client has, from its first byte, to send a whole request (headers and body); a
+    #: connection that dribbles is closed, so slow clients cannot hold the door's sockets.
+    request_timeout: int = 10
+    #: Seconds an idle keep-alive connection stays open between requests.
+    keepalive_timeout: int = 5
+    #: Open connections at most; more are closed at once (after the TLS handshake).
+    max_connections: int = 256
     #: Role of the local user on the stdio door (no token there); None: operator, else the first role.
     stdio_role: str | None = None
 
@@ -813,6 +824,10 @@ _MCP: Mapping[str, _F] = {
     "tls_key": _F(_path),
     "ip_allow": _F(_list(_cidr), ()),
     "ip_deny": _F(_list(_cidr), ()),
+    "trusted_proxies": _F(_list(_cidr), ()),
+    "request_timeout": _F(_int(1, 3600), 10),
+    "keepalive_timeout": _F(_int(1, 3600), 5),
+    "max_connections": _F(_int(1, 100000), 256),
     "stdio_role": _F(_str, None, "the name of one of the roles"),
 }
 _ADMIN: Mapping[str, _F] = {"email": _F(_email, _REQUIRED), "fingerprint": _F(_fingerprint, _REQUIRED)}

@@ -201,6 +201,16 @@ def redact(text: str) -> str:
     return _FILTER.redact(text)
 
 
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger(f"{LOGGER_NAME}.thread").error(
+        "thread %s ended with an exception", name,
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )
+
+
 def _level_number(level: str | int) -> int:
     if isinstance(level, int):
         return level
@@ -221,7 +231,9 @@ def setup_logging(
 
     Calling it again replaces Carrier's handler (no duplicate lines); registered secrets are kept.
     The ``carrier`` logger does not propagate to the root logger, so no unredacted copy reaches a
-    handler some library installed there.
+    handler some library installed there. The same handler also sits on the root logger (WARNING and
+    up) so that other libraries' log lines and Python warnings are JSON lines too, and an exception
+    that ends a thread is logged instead of printed: stderr carries nothing but JSON lines.
     """
     number = _level_number(level)
     logger = logging.getLogger(LOGGER_NAME)
@@ -239,11 +251,17 @@ def setup_logging(
     # Python warnings (a library's DeprecationWarning, say) become JSON lines too: stderr carries
     # nothing but Carrier's log lines.
     logging.captureWarnings(True)
-    py_warnings = logging.getLogger("py.warnings")
-    for old in list(py_warnings.handlers):
+    # Libraries' loggers (uvicorn, the MCP SDK, python-gnupg, httpx, asyncio) propagate to the root
+    # logger: Carrier's handler sits there too, at WARNING (their INFO chatter is not Carrier's
+    # log), so their lines are JSON and redacted like Carrier's own.
+    root = logging.getLogger()
+    for old in list(root.handlers):
         if getattr(old, _HANDLER_MARK, False):
-            py_warnings.removeHandler(old)
-    py_warnings.addHandler(handler)
-    py_warnings.propagate = False
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(number, logging.WARNING))
+    # An exception that ends a thread (a library's reader thread, say) is a log record, not a
+    # traceback printed to stderr.
+    threading.excepthook = _log_thread_exception
     for secret in secrets:  # after the handler exists, so a too-short warning is visible
         add_secret(secret)

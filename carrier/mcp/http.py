@@ -39,6 +39,7 @@ from carrier.auth.service import Trust
 from carrier.config import Config
 from carrier.errors import CarrierError
 from carrier.jobs.system import JobSystem
+from carrier.mcp.edges import GuardedH11Protocol
 from carrier.mcp.server import ServerContext, build_server
 from carrier.mcp.tools_ops import IDENTITY_SCOPE_KEY, Services, attach_services
 from carrier.store import Store
@@ -257,14 +258,24 @@ def start_http_door(
     ssl: dict[str, Any] = (
         {} if plain else {"ssl_certfile": str(config.mcp.tls_cert), "ssl_keyfile": str(config.mcp.tls_key)}
     )
+    mcp = config.mcp
+    trusted = [str(network) for network in mcp.trusted_proxies]
     uv_config = uvicorn.Config(
         app,
-        host=config.mcp.bind_host,
-        port=config.mcp.port,
+        host=mcp.bind_host,
+        port=mcp.port,
+        # No logging config of uvicorn's own: its loggers propagate to Carrier's JSON handler.
+        log_config=None,
         log_level="warning",
         lifespan="on",
         access_log=False,
         server_header=False,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: only configured proxies.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
+        timeout_keep_alive=mcp.keepalive_timeout,
+        http=GuardedH11Protocol.configured(request_timeout=mcp.request_timeout,
+                                           max_connections=mcp.max_connections),
         **ssl,
     )
     server = uvicorn.Server(uv_config)

@@ -49,9 +49,12 @@ class Serve:
     config: Path
     proc: subprocess.Popen[str] | None = None
     lines: list[dict[str, Any]] = field(default_factory=list)
+    #: stderr lines that are not JSON (there should be none: everything goes through Carrier's log).
+    raw: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 90) -> Serve:
         self.lines = []
+        self.raw = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "carrier", "serve", "--config", str(self.config)],
             stdout=subprocess.DEVNULL,
@@ -66,8 +69,10 @@ class Serve:
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            with contextlib.suppress(ValueError):
+            try:
                 self.lines.append(json.loads(line))
+            except ValueError:
+                self.raw.append(line)
 
     def wait_log(self, msg: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,9 @@ def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         logger.removeHandler(handler)
     logger.propagate = True  # pytest also hooks loggers that do not propagate; a fresh one does
     logger.setLevel(logging.NOTSET)
+    root = logging.getLogger()
+    root_handlers, root_level = list(root.handlers), root.level
+    excepthook = threading.excepthook
     yield
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -36,6 +40,12 @@ def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = propagate
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in root_handlers:
+        root.addHandler(handler)
+    root.setLevel(root_level)
+    threading.excepthook = excepthook
 
 
 def emit_everything(logger: logging.Logger, secret: str) -> None:
@@ -174,18 +184,47 @@ def test_nothing_goes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert PASSWORD not in captured.err
 
 
-def test_setup_twice_does_not_duplicate_and_does_not_touch_root() -> None:
+def test_setup_twice_does_not_duplicate() -> None:
     first, second = io.StringIO(), io.StringIO()
-    root_handlers = list(logging.getLogger().handlers)
     setup_logging(stream=first)
     setup_logging(stream=second)
     logging.getLogger("carrier.x").info("once")
+    logging.getLogger("somelib").warning("lib once")
     assert first.getvalue() == ""
-    assert len(lines(second)) == 1
-    carrier_handlers = [h for h in logging.getLogger("carrier").handlers if getattr(h, "_carrier_handler", 0)]
-    assert len(carrier_handlers) == 1
-    assert logging.getLogger().handlers == root_handlers
+    assert [line["msg"] for line in lines(second)] == ["once", "lib once"]
+    for name in ("carrier", ""):
+        marked = [h for h in logging.getLogger(name).handlers if getattr(h, "_carrier_handler", 0)]
+        assert len(marked) == 1
     assert logging.getLogger("carrier").propagate is False
+
+
+def test_other_libraries_log_json_redacted_and_warning_up() -> None:
+    """uvicorn, the MCP SDK, python-gnupg log through their own loggers: JSON lines, redacted."""
+    buf = io.StringIO()
+    setup_logging("DEBUG", secrets=[PASSWORD], stream=buf)
+    logging.getLogger("uvicorn.error").warning("Invalid HTTP request %s", PASSWORD)
+    logging.getLogger("mcp.server.streamable_http").info("session chatter")
+    logging.getLogger("gnupg").error("gpg said %s", PASSWORD)
+    got = lines(buf)
+    assert [(line["logger"], line["msg"]) for line in got] == [
+        ("uvicorn.error", "Invalid HTTP request ***"), ("gnupg", "gpg said ***")]
+    assert PASSWORD not in buf.getvalue()
+
+
+def test_an_exception_ending_a_thread_is_a_json_line() -> None:
+    buf = io.StringIO()
+    setup_logging(secrets=[PASSWORD], stream=buf)
+
+    def boom() -> None:
+        raise RuntimeError(f"reader failed with {PASSWORD}")
+
+    thread = threading.Thread(target=boom, name="gpg-reader")
+    thread.start()
+    thread.join()
+    (line,) = lines(buf)
+    assert line["msg"] == "thread gpg-reader ended with an exception"
+    assert "RuntimeError: reader failed with ***" in line["exc"]
+    assert PASSWORD not in buf.getvalue()
 
 
 def test_levels_and_text_format() -> None:
