@@ -51,10 +51,10 @@ class Serve:
     lines: list[dict[str, Any]] = field(default_factory=list)
     #: stderr lines that are not JSON (there should be none: everything goes through Carrier's log).
     raw: list[str] = field(default_factory=list)
+    _reader: threading.Thread = field(init=False, repr=False)
 
     def start(self, timeout: float = 90) -> Serve:
         self.lines = []
-        self.raw = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "carrier", "serve", "--config", str(self.config)],
             stdout=subprocess.DEVNULL,
@@ -62,7 +62,8 @@ class Serve:
             text=True,
             env={**os.environ},
         )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
         self.wait_log("carrier ready", timeout)
         return self
 
@@ -89,12 +90,14 @@ class Serve:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(timeout=60)
+        self._reader.join(timeout=10)
         return rc
 
     def kill(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+        self._reader.join(timeout=10)
 
 
 @contextlib.contextmanager
@@ -104,6 +107,10 @@ def serving(sandbox: Sandbox, **extra: Any) -> Iterator[tuple[Serve, Path]]:
     serve = Serve(door_config(sandbox, directory, **extra))
     try:
         yield serve, directory
+        if serve.proc is not None and serve.proc.poll() is None:
+            serve.stop()
+        # Everything `carrier serve` writes to stderr goes through its JSON logger (with redaction).
+        assert not serve.raw, f"carrier serve wrote non-JSON lines to stderr: {serve.raw[:10]}"
     finally:
         if serve.proc is not None and serve.proc.poll() is None:
             serve.stop()

@@ -30,7 +30,10 @@ from carrier.sandbox.sshd import SshHosts
 
 pytestmark = pytest.mark.sandbox
 
-OFFSET = 200
+#: This file's own sandboxes sit beside the session's (at CARRIER_TEST_PORT_OFFSET): at that offset
+#: plus these amounts (chosen so that no port of one sandbox meets a port of another).
+BASE = int(os.environ.get("CARRIER_TEST_PORT_OFFSET", "0"))
+OFFSET = BASE + 200
 
 
 def _new_root() -> Path:
@@ -345,7 +348,7 @@ def test_keys_are_stable_across_up(box: Sandbox) -> None:
 
 
 def test_port_in_use_names_the_port_and_the_fix() -> None:
-    offset = 600
+    offset = BASE + 600
     port = 2222 + offset
     root = _new_root()
     with socket.socket() as blocker:
@@ -369,7 +372,7 @@ def test_a_failed_start_stops_what_that_up_started(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(SshHosts, "start", broken_start)
     root = _new_root()
-    sandbox = Sandbox(root, port_offset=700)
+    sandbox = Sandbox(root, port_offset=BASE + 700)
     try:
         with pytest.raises(SandboxError, match="on purpose"):
             sandbox.up()
@@ -384,7 +387,7 @@ def test_missing_binary_names_the_package(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("CARRIER_SANDBOX_PATH", "/nonexistent")
     root = Path("/var/tmp") / f"carrier-sbx-missing-{os.getpid()}"
     with pytest.raises(SandboxError, match="apt-get install"):
-        Sandbox(root, port_offset=650).up()
+        Sandbox(root, port_offset=BASE + 650).up()
     assert not root.exists()  # checked before anything is written
 
 
@@ -404,7 +407,7 @@ def test_env_without_a_sandbox_says_to_run_up(tmp_path: Path) -> None:
 
 def test_down_stops_everything_and_is_idempotent() -> None:
     root = _new_root()
-    sandbox = Sandbox(root, port_offset=500)
+    sandbox = Sandbox(root, port_offset=BASE + 500)
     try:
         sandbox.up()
         pids = [pid for c in sandbox.status().components for pid in c.pids.values()]
@@ -426,8 +429,8 @@ def test_down_stops_everything_and_is_idempotent() -> None:
         assert procs.pid_alive(master)
 
         # A running sandbox cannot silently move to other ports.
-        with pytest.raises(SandboxError, match="port offset 500"):
-            Sandbox(root, port_offset=550).up()
+        with pytest.raises(SandboxError, match=f"port offset {BASE + 500}"):
+            Sandbox(root, port_offset=BASE + 550).up()
 
         stopped = sandbox.down()
         assert sorted(stopped) == ["dovecot", "keyserver", "smtp", "sshd"]
