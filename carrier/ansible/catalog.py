@@ -10,6 +10,10 @@ Its catalog entry is the sidecar ``NAME.meta.yml`` beside it (like an AWX survey
                                  # a role with `local: true` may run it. Without it, such a
                                  # playbook is refused (carrier.ansible.controller finds them).
     default_limit: all           # the host pattern used when the request names none
+    approval: {by: admin, count: 1, expires: 3600}
+                                 # a run waits until `count` people of role `by`, none of them the
+                                 # requester, approve it by signed mail (`approve <job>`); it is
+                                 # cancelled after `expires` seconds without (see docs/approvals.md)
     vars:
       path: {type: str, default: /, pattern: '^/[A-Za-z0-9_./-]*$', description: mount point}
       warn_percent: {type: int, default: 90, min: 1, max: 100}
@@ -39,7 +43,7 @@ from carrier.ansible.errors import ExtraVarsError, PatternError, PlaybookError
 from carrier.ansible.inventory import check_pattern
 from carrier.formats import PLAYBOOK_EXTENSIONS as _EXTENSIONS
 from carrier.formats import PLAYBOOK_NAME_RE as _NAME_RE
-from carrier.formats import playbook_stem
+from carrier.formats import ROLE_NAME_RE, playbook_stem
 
 _VAR_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 META_SUFFIX = ".meta.yml"
@@ -82,6 +86,18 @@ class VarSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalRule:
+    """Who must approve a run before it starts: ``count`` people of role ``by``, within ``expires`` s."""
+
+    by: str
+    count: int = 1
+    expires: int = 3600
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by": self.by, "count": self.count, "expires": self.expires}
+
+
+@dataclass(frozen=True, slots=True)
 class PlaybookInfo:
     """A catalogued playbook."""
 
@@ -94,10 +110,12 @@ class PlaybookInfo:
     vars: Mapping[str, VarSpec] = field(default_factory=dict)
     #: The metadata declares that it runs tasks on the controller (see carrier.ansible.controller).
     controller: bool = False
+    approval: ApprovalRule | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "approval": self.approval.to_dict() if self.approval else None,
             "description": self.description,
             "admin_only": self.admin_only,
             "controller": self.controller,
@@ -186,8 +204,9 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise _fail(meta, "expected a mapping (description, admin_only, controller, default_limit, vars)")
-    unknown = set(raw) - {"description", "admin_only", "controller", "default_limit", "vars"}
+        raise _fail(meta, "expected a mapping (description, admin_only, controller, default_limit, approval, "
+                          "vars)")
+    unknown = set(raw) - {"description", "admin_only", "controller", "default_limit", "approval", "vars"}
     if unknown:
         raise _fail(meta, f"unknown keys {', '.join(sorted(map(str, unknown)))}")
     default_limit = raw.get("default_limit")
@@ -207,8 +226,25 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
         admin_only=bool(raw.get("admin_only", False)),
         controller=_flag(meta, raw, "controller"),
         default_limit=str(default_limit) if default_limit is not None else None,
+        approval=_approval(meta, raw.get("approval")),
         vars={str(k): _parse_var(meta, str(k), v) for k, v in specs.items()},
     )
+
+
+def _approval(meta: Path, raw: Any) -> ApprovalRule | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) - {"by", "count", "expires"} or "by" not in raw:
+        raise _fail(meta, "approval must be a mapping {by: ROLE, count: N, expires: SECONDS}")
+    by = raw["by"]
+    if not isinstance(by, str) or not ROLE_NAME_RE.fullmatch(by):
+        raise _fail(meta, f"approval.by must be a role name, not {str(by)[:40]!r}")
+    count, expires = raw.get("count", 1), raw.get("expires", 3600)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10:
+        raise _fail(meta, "approval.count must be a whole number from 1 to 10")
+    if isinstance(expires, bool) or not isinstance(expires, int) or not 10 <= expires <= 30 * 86400:
+        raise _fail(meta, "approval.expires must be seconds, from 10 to 2592000 (30 days)")
+    return ApprovalRule(by, count, expires)
 
 
 # --------------------------------------------------------------------------- extra vars

@@ -81,3 +81,15 @@ class Directory:
         found += [normalize_address(a.email) for a in self.config.admins if a.fingerprint == fpr]
         found += [r.email for r in self.store.find_enrollments(fingerprint=fpr, state="approved")]
         return sorted(set(found))
+
+    def with_role(self, role: str) -> list[str]:
+        """Addresses of everyone enrolled now whose mail acts with ``role`` (admins: ``admin``)."""
+        candidates = {normalize_address(u.email) for u in self.config.users}
+        candidates |= {normalize_address(a.email) for a in self.config.admins}
+        candidates |= {r.email for r in self.store.find_enrollments(state="approved", limit=1000)}
+        found = []
+        for address in sorted(candidates):
+            who = self.identity(address)
+            if who is not None and (who.role == role or (role == ADMIN_ROLE and who.admin)):
+                found.append(address)
+        return found

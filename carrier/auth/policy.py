@@ -34,6 +34,7 @@ Action = Literal[
     "token",  # ask for an MCP token
     "enroll",  # (re-)start one's own enrollment
     "admin",  # approve/deny/revoke enrollments, tokens of others
+    "approve",  # approve or deny a job that waits for approval (a signed mail of another person)
 ]
 ACTIONS: tuple[str, ...] = get_args(Action)
 TOOL_GROUPS = ("run", "jobs", "mail")
@@ -46,7 +47,7 @@ SCOPE_OF_ACTION: Mapping[str, str | None] = {
     "ssh_control": "run", "inventory": "run",
     "job_read": "jobs", "job_control": "jobs", "job_list": "jobs",
     "mail": "mail",
-    "token": None, "enroll": None, "admin": None,
+    "token": None, "enroll": None, "admin": None, "approve": None,
 }
 #: What the strict command filter refuses when a role has no shell (the previous system missed ``&``).
 METACHARACTERS = (";", "&", "|", "`", "$(", "${", ">", "<", "\n", "\r", "\x00")
@@ -96,6 +97,8 @@ class Request:
     admin_only: bool = False  # the catalog marks the playbook as admins' only
     #: The playbook runs tasks on the controller (catalog ``controller: true``): needs a ``local`` role.
     controller: bool = False
+    #: approve: the role whose members may approve the job (catalog ``approval.by``).
+    approval_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +242,8 @@ def decide(
     action, name = request.action, identity.role
     if action == "admin":
         return Decision(True, "admin") if identity.admin else _no("only an admin may do this")
+    if action == "approve":
+        return _approval_decision(identity, request)
     if action in ("token", "inventory", "enroll"):
         return Decision(True, f"{action} is open to every enrolled identity")
     if action == "job_list":
@@ -299,6 +304,20 @@ def decide(
         return _no(f"role {name} may not start terminal jobs")
     return _first([_command_problem(identity, role, request.command, strict_commands),
                    _hosts_problem(identity, role, request)], f"role {name} allows pty jobs")
+
+
+def _approval_decision(identity: Identity, request: Request) -> Decision:
+    """Two-person rule: a signed mail of someone of the approving role who is not the requester."""
+    by = request.approval_by
+    if by is None:
+        return _no("the job does not wait for an approval")
+    if identity.door != "mail" or identity.fingerprint is None:
+        return _no("an approval is a signed mail: reply `approve <job>` with your enrolled key")
+    if request.job_owner is None or request.job_owner == identity.name:
+        return _no("nobody approves their own request: another person of role " + by + " must")
+    if identity.role != by and not (by == "admin" and identity.admin):
+        return _no(f"only role {by} may approve this job")
+    return Decision(True, f"role {by}, not the requester")
 
 
 def may_run_playbook(identity: Identity, playbook: str, admin_only: bool,

@@ -131,6 +131,10 @@ def run_command(config_path: Path | None, playbook: str, limit: str | None, extr
                 _exit_for(view)
             return
         click.echo(f"== job {view.id}: playbook {playbook} on {view.target or '-'}", err=True)
+        if view.approval is not None and view.approval.get("state") == "pending":
+            click.echo(f"== waiting for approval by {view.approval.get('needed')} person(s) of role "
+                       f"{view.approval.get('by')} (`approve {view.id}` by signed mail; `carrier serve` "
+                       "mails them the request)", err=True)
         view = _follow(cli, view, as_json=as_json)
         if junit is not None:
             from carrier.jobs.render import junit_xml

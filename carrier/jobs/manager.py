@@ -34,7 +34,16 @@ from typing import Any, Protocol
 
 from carrier.errors import CarrierError
 from carrier.jobs.errors import JobError, JobNotFound
-from carrier.store import FINAL_JOB_STATUSES, JOB_KINDS, EventRecord, JobRecord, Store, check_job_id, jobruns
+from carrier.store import (
+    FINAL_JOB_STATUSES,
+    JOB_KINDS,
+    EventRecord,
+    JobRecord,
+    Store,
+    approvals,
+    check_job_id,
+    jobruns,
+)
 from carrier.store.jobruns import JobRunRecord
 
 log = logging.getLogger(__name__)
@@ -94,6 +103,8 @@ class JobView:
     started_at: float | None
     finished_at: float | None
     cursor: int
+    #: The job's approval (state, requester, role of the approvers, needed, votes), when it needs one.
+    approval: Mapping[str, Any] | None = None
 
     @property
     def done(self) -> bool:
@@ -106,16 +117,31 @@ class JobView:
             "message": self.message, "rc": self.rc, "hosts": list(self.hosts), "spec": dict(self.spec),
             "summary": dict(self.summary), "created_at": self.created_at, "started_at": self.started_at,
             "finished_at": self.finished_at, "cursor": self.cursor,
+            **({"approval": dict(self.approval)} if self.approval is not None else {}),
         }
 
 
-def _view(job: JobRecord, run: JobRunRecord | None) -> JobView:
+#: The status shown for a queued job whose approval is pending (the store keeps it ``queued``).
+AWAITING_APPROVAL = "awaiting_approval"
+
+
+def _view(job: JobRecord, run: JobRunRecord | None,
+          approval: approvals.ApprovalRecord | None = None) -> JobView:
+    status = job.status
+    shown: dict[str, Any] | None = None
+    if approval is not None:
+        if approval.state == "pending" and status == "queued":
+            status = AWAITING_APPROVAL
+        shown = {"state": approval.state, "requester": approval.requester, "by": approval.by_role,
+                 "needed": approval.needed, "approvals": approval.approvals,
+                 "votes": [{"approver": v.approver, "vote": v.vote, "at": v.at} for v in approval.votes],
+                 "expires_at": approval.expires_at}
     return JobView(
         id=job.id, kind=job.kind, owner=job.owner, door=job.door, target=job.target,
-        status=job.status, reason=run.reason if run else "", message=job.message, rc=job.rc,
+        status=status, reason=run.reason if run else "", message=job.message, rc=job.rc,
         hosts=run.hosts if run else (), spec=job.spec, summary=run.summary if run else {},
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        cursor=job.last_seq,
+        cursor=job.last_seq, approval=shown,
     )
 
 
@@ -393,7 +419,7 @@ class Manager:
     def get(self, job_id: str) -> JobView:
         """The job's status (JobError for a malformed id, JobNotFound for an unknown one)."""
         job = self._job(job_id)
-        return _view(job, jobruns.get_job_run(self.store, job.id))
+        return _view(job, jobruns.get_job_run(self.store, job.id), approvals.get(self.store, job.id))
 
     def output(self, job_id: str, cursor: int = 0, limit: int = 500) -> tuple[list[EventRecord], int]:
         """Events after ``cursor`` and the cursor to ask with next (nothing twice, nothing skipped)."""
@@ -409,7 +435,8 @@ class Manager:
             jobs = self.store.list_jobs(owner=owner, status=status, kind=kind, limit=max(1, min(limit, 1000)))
         except ValueError as exc:
             raise JobError(str(exc)) from None
-        return [_view(job, jobruns.get_job_run(self.store, job.id)) for job in jobs]
+        return [_view(job, jobruns.get_job_run(self.store, job.id), approvals.get(self.store, job.id))
+                for job in jobs]
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobView:
         """Block until the job is finished or ``timeout`` seconds passed; return its status."""
@@ -424,6 +451,20 @@ class Manager:
             with self._cond:
                 # Local jobs notify; jobs run by another process are polled.
                 self._cond.wait(self.poll if remaining is None else min(self.poll, remaining))
+
+    def wake(self) -> None:
+        """Look at the queue again now (a held job was released)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def end_unstarted(self, job_id: str, reason: str, message: str) -> JobView:
+        """End a job that has not started (its approval was denied) as cancelled."""
+        job = self._job(job_id)
+        with self._cond:
+            if job.id in self._queue:
+                self._queue.remove(job.id)
+        self._finish(job.id, Outcome("cancelled", reason, message), expect=("queued",))
+        return self.get(job.id)
 
     def kill(self, job_id: str, *, by: str) -> JobView:
         """Cancel a job: a queued one ends at once, a running one is stopped by its engine."""
@@ -507,6 +548,10 @@ class Manager:
                 self._launch(job_id, resume=False)
                 continue
             job = self.store.get_job(job_id)
+            if job is not None and job.status == "queued" and approvals.expire_due(self.store, job_id):
+                self._finish(job_id, Outcome("cancelled", "approval_expired",
+                                             "cancelled: nobody approved it in time"), expect=("queued",))
+                job = self.store.get_job(job_id)
             if job is None or job.status != "queued":
                 with self._cond:  # cancelled (maybe by another process) or taken over
                     if job_id in self._queue:

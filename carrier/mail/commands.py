@@ -14,6 +14,7 @@ still run, in order. More than ``max_commands`` command lines make the whole mai
     hosts [pattern] | playbooks | help
     enroll | confirm <code>
     approve <request> [as <role>] | deny <request> | revoke <fingerprint>
+    approve <job> | deny <job> [reason ...]
     token [ttl]
 """
 
@@ -297,8 +298,14 @@ def parse_line(line: str, lineno: int = 1) -> Command:
     if verb in ("approve", "deny"):
         words = _split(verb, rest)
         request = words.pop(0) if words else ""
+        if is_job_id(request.lower()):  # a job waiting for approval; deny may say why
+            reason = " ".join(words) if verb == "deny" else ""
+            if verb == "approve":
+                _no_more(verb, words)
+            return Command(verb, stripped, lineno, job=request.lower(), text=reason[:500] or None)
         if not _REQUEST_RE.fullmatch(request):
-            raise _bad(verb, f"`{verb}` needs a request id (r- and 12 letters)")
+            raise _bad(verb, f"`{verb}` needs an enrollment request id (r- and 12 letters) or a job id "
+                       f"({_JOB})")
         role = None
         if verb == "approve" and words and words[0].lower() == "as":
             words.pop(0)

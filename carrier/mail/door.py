@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -53,7 +54,7 @@ from carrier.mail.outbox import Outbox
 from carrier.mail.parse import Headers, parse_headers, parse_message
 from carrier.mail.replies import ReplyBody, Section, Thread
 from carrier.ops import Denied, Ops, Planned
-from carrier.store import Store
+from carrier.store import Store, approvals
 from carrier.store import gateway as sql
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,8 @@ class MailDoor:
             sections.append(self._free_text(account, key, identity, auth.signature.text))
         else:
             sections.extend(self._commands(account, key, parsed, identity, thread,
-                                           _Signed(raw, message_key, received_at)))
+                                           _Signed(raw, message_key, received_at,
+                                                   auth.signature.digest)))
         body = replies.render_sections(sections, footer=f"{identity.name} ({identity.role})")
         msg_id, out = self._mail(account, thread, body)
         self._finish(account, key, ok=True, reply=(msg_id, out, sender))
@@ -496,6 +498,8 @@ class _Signed:
     raw: bytes
     message_key: str
     received_at: float
+    #: The verified signature's digest (signer, time, signed bytes): what an approval records.
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -532,8 +536,15 @@ def _verb_run(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _
                                      check=cmd.check, diff=cmd.diff, tags=cmd.tags)
     names = ", ".join(h.name for h in planned.request.hosts)
     book = planned.request.playbook
-    return _JobStep(planned, lambda v: f"accepted, job {v.id}: playbook {book} on {names}. "
-                                       "The result follows in this thread.")
+    def said(view: JobView) -> str:
+        approval = view.approval
+        if approval is not None and approval.get("state") == "pending":
+            return (f"accepted, job {view.id}: playbook {book} on {names} waits for approval by "
+                    f"{approval.get('needed')} person(s) of role {approval.get('by')} other than you; "
+                    "they were asked by mail. The result follows in this thread.")
+        return f"accepted, job {view.id}: playbook {book} on {names}. The result follows in this thread."
+
+    return _JobStep(planned, said)
 
 
 def _verb_exec(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
@@ -656,13 +667,36 @@ def _verb_confirm(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) 
     return door._plan(replace(proposal, line=cmd.line), who, signed)
 
 
+def _vote(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _ReadStep:
+    """``approve <job>`` / ``deny <job> [reason]``: a vote on a job that waits for approval."""
+    assert cmd.job is not None
+    planned = door.ops.plan_vote(who, cmd.job, cmd.verb, signature=signed.digest, reason=cmd.text or "")
+
+    def said(view: JobView) -> StepResult:
+        approval = view.approval or {}
+        if cmd.verb == "deny":
+            text = f"job {view.id} denied: it will not run ({view.status})"
+        elif approval.get("state") == "approved":
+            text = f"job {view.id} approved: it runs now; its requester gets the result"
+        else:
+            text = (f"job {view.id}: your approval is recorded ({approval.get('approvals')} of "
+                    f"{approval.get('needed')}); it waits for more")
+        return StepResult(Section(cmd.line, "ok", text, block=job_text(view)))
+
+    return _read(planned, said)
+
+
 def _verb_approve(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    if cmd.job is not None:
+        return _vote(door, cmd, who, signed)
     assert cmd.request is not None
     outcome = door.ops.approve_enrollment(who, cmd.request, cmd.role)
     return _now(StepResult(Section(cmd.line, "ok", outcome.reply), notices=_notices(outcome)))
 
 
 def _verb_deny(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    if cmd.job is not None:
+        return _vote(door, cmd, who, signed)
     assert cmd.request is not None
     outcome = door.ops.deny_enrollment(who, cmd.request)
     return _now(StepResult(Section(cmd.line, "ok", outcome.reply), notices=_notices(outcome)))
@@ -753,8 +787,45 @@ class Notifier:
                     if sql.progress_sent(store, view.id, n):
                         store.outbox_put(account.name, msg_id, [thread.to], raw)
                         queued += 1
+        queued += self.ask_approvers()
         if queued:
             door.outbox.wake.set()
+        return queued
+
+    def ask_approvers(self) -> int:
+        """Mail the approvers of each job that newly waits for approval (once, whoever asked for the
+        job: mail, MCP or CLI); return how many mails were queued."""
+        door = self.door
+        store = door.store
+        if not door.config.accounts:
+            return 0
+        account = door.config.accounts[0]
+        domain = sender_domain(account.address)
+        queued = 0
+        for held, addresses in door.ops.approval_requests():
+            view = door.jobs.manager.get(held.job_id)
+            until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(held.expires_at))
+            subject = f"Approval needed: {held.summary} (job {held.job_id})"
+            text = (f"{held.requester} asks to run {held.summary} (job {held.job_id}). It waits for "
+                    f"{held.needed} approval(s) by role {held.by_role}, not the requester's, until {until}; "
+                    f"then it is cancelled.\n\nTo approve, reply with a mail signed with your enrolled key "
+                    f"whose text is\n\n    approve {held.job_id}\n\nTo refuse it:\n\n"
+                    f"    deny {held.job_id} <reason>")
+            mails = []
+            for to in addresses:
+                body = replies.render_sections([Section("", "ok", text, block=job_text(view))])
+                msg_id = f"<approval.{held.job_id}.{key_hash(to)}@{domain}>"
+                thread = Thread(to, subject, None, ())
+                mails.append((to, *door._mail(account, thread, body, message_id=msg_id)))
+            with store.transaction():
+                if not approvals.mark_notified(store, held.job_id):
+                    continue  # another Carrier process asked them
+                for to, msg_id, raw in mails:
+                    store.outbox_put(account.name, msg_id, [to], raw)
+            if not addresses:
+                log.warning("nobody can approve job %s: no one enrolled has role %s other than the requester",
+                            held.job_id, held.by_role, extra={"job": held.job_id})
+            queued += len(mails)
         return queued
 
     def run(self, stop: threading.Event) -> None:

@@ -39,7 +39,7 @@ from carrier.jobs.screen import ScreenView
 from carrier.jobs.system import JobSystem
 from carrier.ops.errors import Denied, OpsError
 from carrier.ops.pages import EventPage, read_events
-from carrier.store import EventRecord, Store, TokenRecord
+from carrier.store import EventRecord, Store, TokenRecord, approvals
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -48,7 +48,7 @@ U = TypeVar("U")
 Within = Callable[[JobView], None]
 
 JOB_KINDS = ("playbook", "adhoc", "exec", "pty")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
+JOB_STATUSES = ("queued", "awaiting_approval", "running", "succeeded", "failed", "cancelled", "lost")
 PTY_SIGNALS = ("TERM", "INT", "KILL", "HUP")
 
 
@@ -292,9 +292,23 @@ class Ops:
         if timeout is not None:
             options["timeout"] = timeout
         manager = self.jobs.manager
-        return self._plan(who, request, lambda within: self._submit(
-            who, lambda: manager.run_playbook(info.name, owner=who.name, door=who.door, **options), within,
-            {"playbook": info.name, "limit": pattern}))
+        rule = info.approval
+        names = ", ".join(h.name for h in hosts)
+
+        def submit() -> JobView:
+            view = manager.run_playbook(info.name, owner=who.name, door=who.door, **options)
+            if rule is not None and not view.done:
+                # In the job's own transaction: the job is never claimable before it is held.
+                approvals.create(self.store, view.id, requester=who.name, by_role=rule.by, needed=rule.count,
+                                 ttl=rule.expires, summary=f"playbook {info.name} on {names}"
+                                 + (" (check mode)" if check else ""))
+                view = manager.get(view.id)
+            return view
+
+        detail: dict[str, Any] = {"playbook": info.name, "limit": pattern}
+        if rule is not None:
+            detail["approval"] = rule.to_dict()
+        return self._plan(who, request, lambda within: self._submit(who, submit, within, detail))
 
     def run_playbook(self, who: Identity, playbook: str, *, wait: float | None = None,
                      **options: Any) -> JobView:
@@ -347,6 +361,60 @@ class Ops:
         view = self.plan_exec(who, pattern, command, timeout=timeout, tool=tool).run()
         view = self.jobs.manager.wait(view.id, timeout=timeout + 30)
         return view, read_events(self.jobs.manager, view.id, 0, max_bytes)
+
+    # ================================================================= approvals
+
+    def plan_vote(self, who: Identity, job_id: str, vote: str, *, signature: str = "",
+                  reason: str = "") -> Planned[JobView]:
+        """Decide ``who``'s ``approve``/``deny`` of a job that waits for approval (the policy wants a
+        signed mail of someone of the approving role other than the requester); the vote, with the
+        signature's digest, goes into the audit chain."""
+        request = Request("approve")
+        if vote not in ("approve", "deny"):
+            raise self.refuse(who, request, f"a vote is approve or deny, not {vote!r}")
+        try:
+            check_job_id(job_id)
+            view = self.jobs.manager.get(job_id)
+        except (FormatError, CarrierError) as exc:
+            raise self.refuse(who, request, str(exc)) from None
+        held = approvals.get(self.store, view.id)
+        if held is None:
+            raise self.refuse(who, request, f"job {view.id} does not wait for an approval")
+        request = Request("approve", tuple(HostRef(h) for h in view.hosts), playbook=view.target,
+                          job_owner=held.requester, approval_by=held.by_role)
+        if held.state != "pending":
+            raise self.refuse(who, request, f"job {view.id} was {held.state} already ({view.status})")
+        decision = self.decide(who, request)
+        manager = self.jobs.manager
+
+        def run(_: Within | None) -> JobView:
+            after = approvals.vote(self.store, view.id, who.name, vote, signature=signature, reason=reason)
+            self.audit.job(who, view.id, vote, hosts=view.hosts, outcome=after.state,
+                           detail={"signature": signature, "reason": reason[:200],
+                                   "approvals": after.approvals, "needed": after.needed})
+            if after.state == "denied":
+                why = f": {reason}" if reason else ""
+                return manager.end_unstarted(view.id, "approval_denied", f"denied by {who.name}{why}")
+            if after.state == "approved":
+                manager.wake()
+            return manager.get(view.id)
+
+        return Planned(request, decision, run)
+
+    def approval_requests(self, limit: int = 20) -> list[tuple[approvals.ApprovalRecord, list[str]]]:
+        """Approvals whose approvers were not told yet, each with the addresses to tell (enrolled
+        people of the approving role other than the requester); the caller mails them and marks
+        each told with ``approvals.mark_notified``."""
+        out = []
+        for held in approvals.to_notify(self.store, limit):
+            out.append((held, self.approvers(held.by_role, exclude=held.requester)))
+        return out
+
+    def approvers(self, role: str, *, exclude: str = "") -> list[str]:
+        """The enrolled addresses of role ``role`` (admins for ``admin``), without ``exclude``."""
+        if self.trust is None:
+            raise OpsError("approvals need the trust layer (who is enrolled)")
+        return [a for a in self.trust.directory.with_role(role) if a != exclude.lower()]
 
     # ================================================================= jobs
 

@@ -131,6 +131,10 @@ def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int) -
         ).fetchone()
         if row is None or row["status"] != "queued":
             return False
+        held = conn.execute("SELECT 1 FROM approvals WHERE job_id = ? AND state = 'pending'",
+                            (job_id,)).fetchone()
+        if held is not None:  # waits for its approvers (store/approvals.py)
+            return False
         total = conn.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0]
         if total >= max_jobs:
             return False

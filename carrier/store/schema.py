@@ -274,8 +274,45 @@ _V5 = Migration(
     ("ALTER TABLE outbox ADD COLUMN claimed_by TEXT",),
 )
 
+_V6 = Migration(
+    6,
+    "approvals: jobs held until enough approvers other than the requester said yes (store/approvals.py)",
+    (
+        # One row per job that needs approval; the job stays 'queued' and is not claimed while its
+        # approval is pending (jobruns.claim_slot).
+        """
+        CREATE TABLE approvals (
+            job_id      TEXT PRIMARY KEY NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            requester   TEXT NOT NULL,
+            by_role     TEXT NOT NULL,
+            needed      INTEGER NOT NULL CHECK (needed >= 1),
+            state       TEXT NOT NULL DEFAULT 'pending'
+                        CHECK (state IN ('pending', 'approved', 'denied', 'expired')),
+            summary     TEXT NOT NULL DEFAULT '',
+            reason      TEXT NOT NULL DEFAULT '',
+            notified_at REAL,
+            created_at  REAL NOT NULL,
+            expires_at  REAL NOT NULL,
+            decided_at  REAL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX approvals_by_state ON approvals (state, expires_at)",
+        """
+        CREATE TABLE approval_votes (
+            job_id    TEXT NOT NULL REFERENCES approvals (job_id) ON DELETE CASCADE,
+            approver  TEXT NOT NULL,
+            vote      TEXT NOT NULL CHECK (vote IN ('approve', 'deny')),
+            signature TEXT NOT NULL DEFAULT '',
+            reason    TEXT NOT NULL DEFAULT '',
+            at        REAL NOT NULL,
+            PRIMARY KEY (job_id, approver)
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
 #: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 
 #: The schema version this Carrier writes and understands.
 LATEST_VERSION = MIGRATIONS[-1].version

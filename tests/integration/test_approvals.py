@@ -1,0 +1,194 @@
+"""Two-person approval by signed reply, through `carrier serve` on the sandbox.
+
+A catalog entry with ``approval: {by: admin}`` makes a run wait: the requester's `run` is accepted as
+``awaiting_approval``, the admins are mailed an approval request, and only a signed `approve <job>`
+of an admin who is not the requester releases it. A self-approval, an approval by the wrong role and
+an unsigned approval change nothing; `deny` ends it; nobody approving in time cancels it. The CLI's
+`carrier run --wait` waits through the approval."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from door_support import db_rows, identities, replies_for, send_signed, serving, text_of, wait_replies
+from mail_support import deliver, token
+
+from carrier.sandbox.layout import address
+from carrier.sandbox.manager import Sandbox
+
+pytestmark = pytest.mark.sandbox
+
+_JOB = re.compile(r"accepted, job (j-[a-z2-7]{12})")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _playbooks(directory: Path) -> Path:
+    """The bundled playbooks, with service_restart open to operators behind an admin's approval,
+    and `ping_gate`: ping behind an approval that expires after 10 s."""
+    books = directory / "playbooks"
+    shutil.copytree(REPO / "playbooks", books)
+    meta = books / "service_restart.meta.yml"
+    meta.write_text(meta.read_text().replace("admin_only: true",
+                                             "admin_only: false\napproval: {by: admin, count: 1, expires: 600}"))
+    shutil.copy(books / "ping.yml", books / "ping_gate.yml")
+    (books / "ping_gate.meta.yml").write_text("description: ping, approved first\n"
+                                              "approval: {by: admin, count: 1, expires: 10}\n")
+    return books
+
+
+def _reply(sandbox: Sandbox, who: str, tag: str, count: int, needle: str) -> str:
+    replies = wait_replies(sandbox, who, tag, count, timeout=120)
+    texts = [text_of(r) for r in replies]
+    found = [t for t in texts if needle in t]
+    assert found, f"no reply with {needle!r} among {len(texts)}: {texts[-1][:2000]}"
+    return found[-1]
+
+
+def _job(state: Path, job_id: str) -> dict[str, Any]:
+    (row,) = db_rows(state, "SELECT status, started_at, message FROM jobs WHERE id = ?", (job_id,))
+    held = db_rows(state, "SELECT state FROM approvals WHERE job_id = ?", (job_id,))
+    return {"status": row[0], "started_at": row[1], "message": row[2], "approval": held[0][0] if held else None}
+
+
+def _wait_status(state: Path, job_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = _job(state, job_id)
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {_job(state, job_id)}")
+
+
+def _unsigned(sandbox: Sandbox, sender: str, text: str, subject: str) -> None:
+    message = EmailMessage()
+    message["From"], message["To"] = address(sender), address("carrier")
+    message["Subject"], message["Message-ID"] = subject, f"<{token('unsigned')}@example.test>"
+    message.set_content(text)
+    deliver(sandbox.layout, message, sender=address(sender), to=[address("carrier")])
+
+
+def test_a_run_waits_for_another_persons_signed_approval(sandbox: Sandbox, tmp_path: Path) -> None:
+    with serving(sandbox, playbook_dirs=[str(_playbooks(tmp_path))]) as (serve, directory), \
+            identities(sandbox) as people:
+        serve.start()
+        state = directory / "state"
+        ops, admin = people["ops"], people["admin"]
+        tag = token("approval")
+        send_signed(sandbox, ops, "run service_restart on web1 check service=ssh use_become=false", tag)
+        accepted = _reply(sandbox, "ops", tag, 1, "waits for approval")
+        match = _JOB.search(accepted)
+        assert match, accepted
+        job_id = match.group(1)
+        assert "role admin other than you" in accepted
+        assert _job(state, job_id) == {"status": "queued", "started_at": None, "message": "",
+                                       "approval": "pending"}
+
+        # The admins are asked, in a mail that says what, who asked, and how to answer.
+        (asked,) = wait_replies(sandbox, "admin", job_id, 1)
+        asked_text = text_of(asked)
+        assert "ops@example.test asks to run playbook service_restart on web1" in asked_text
+        assert f"approve {job_id}" in asked_text and f"deny {job_id}" in asked_text
+        assert not replies_for(sandbox, "ops", job_id)  # the requester is not an approver
+
+        # The requester approving their own run: refused, nothing changes.
+        send_signed(sandbox, ops, f"approve {job_id}", f"Re: {tag}")
+        refused = _reply(sandbox, "ops", tag, 2, "not allowed")
+        assert "nobody approves their own request" in refused
+        # An unsigned approval from the admin's address: refused (no signature), nothing changes.
+        other = token("unsigned-approve")
+        _unsigned(sandbox, "admin", f"approve {job_id}", other)
+        wait_replies(sandbox, "admin", other, 1)
+        time.sleep(1)
+        assert _job(state, job_id)["status"] == "queued" and _job(state, job_id)["approval"] == "pending"
+
+        # The admin's signed approval releases it: it runs, and the requester gets the result.
+        approve_tag = token("approve")
+        send_signed(sandbox, admin, f"approve {job_id}", approve_tag)
+        said = _reply(sandbox, "admin", approve_tag, 1, f"job {job_id} approved")
+        assert "it runs now" in said
+        done = _wait_status(state, job_id, ("succeeded", "failed"))
+        assert done["started_at"] is not None and done["approval"] == "approved"
+        _reply(sandbox, "ops", tag, 3, f"Job {job_id} ")
+
+        # The chain records each decision; the approval carries the approver's signature digest.
+        rows = db_rows(state, "SELECT actor, action, outcome, detail FROM audit WHERE target = ? "
+                              "AND action = 'job:approve'", (job_id,))
+        assert [(r[0], r[2]) for r in rows] == [("admin@example.test", "approved")]
+        assert re.fullmatch(r"[0-9a-f]{64}", json.loads(rows[0][3])["signature"])
+        denied = db_rows(state, "SELECT actor, detail FROM audit WHERE action = 'decide:approve' "
+                                "AND outcome = 'denied'")
+        assert any(actor == "ops@example.test" for actor, _ in denied), denied
+
+
+def test_deny_ends_it_and_nobody_approving_in_time_cancels_it(sandbox: Sandbox, tmp_path: Path) -> None:
+    with serving(sandbox, playbook_dirs=[str(_playbooks(tmp_path))]) as (serve, directory), \
+            identities(sandbox) as people:
+        serve.start()
+        state = directory / "state"
+        ops, admin = people["ops"], people["admin"]
+        tag = token("denied")
+        send_signed(sandbox, ops, "run ping_gate on web1", tag)
+        job_id = _JOB.search(_reply(sandbox, "ops", tag, 1, "waits for approval"))
+        assert job_id is not None
+        denied_id = job_id.group(1)
+        deny_tag = token("deny")
+        send_signed(sandbox, admin, f"deny {denied_id} not during the freeze", deny_tag)
+        _reply(sandbox, "admin", deny_tag, 1, f"job {denied_id} denied")
+        ended = _wait_status(state, denied_id, ("cancelled",))
+        assert ended["started_at"] is None and ended["approval"] == "denied"
+        assert "denied by admin@example.test: not during the freeze" in ended["message"]
+        _reply(sandbox, "ops", tag, 2, "not during the freeze")
+
+        # The admin asks for it: the only admin may not approve it, so it expires unrun.
+        tag = token("expires")
+        send_signed(sandbox, admin, "run ping_gate on web1", tag)
+        match = _JOB.search(_reply(sandbox, "admin", tag, 1, "waits for approval"))
+        assert match is not None
+        expiring = match.group(1)
+        send_signed(sandbox, admin, f"approve {expiring}", f"Re: {tag}")
+        assert "nobody approves their own request" in _reply(sandbox, "admin", tag, 2, "not allowed")
+        ended = _wait_status(state, expiring, ("cancelled",), timeout=90)
+        assert ended["started_at"] is None and ended["approval"] == "expired"
+        assert "nobody approved it in time" in ended["message"]
+
+
+def test_cli_run_waits_through_the_approval(sandbox: Sandbox, tmp_path: Path) -> None:
+    """`carrier run --wait` as the local user: the admin is mailed, approves by signed mail, and the
+    CLI's exit status is the run's."""
+    with serving(sandbox, playbook_dirs=[str(_playbooks(tmp_path))]) as (serve, _directory), \
+            identities(sandbox) as people:
+        serve.start()
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "carrier", "run", "ping_gate", "--limit", "web2", "--wait",
+             "--config", str(serve.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+        try:
+            deadline = time.monotonic() + 60
+            asked: list[Any] = []
+            while not asked and time.monotonic() < deadline:
+                asked = [m for m in replies_for(sandbox, "admin", "Approval needed")
+                         if "ping_gate on web2" in str(m["Subject"])]
+                time.sleep(0.2)
+            assert asked, "the admin was never asked"
+            match = re.search(r"\(job (j-[a-z2-7]{12})\)", str(asked[-1]["Subject"]))
+            assert match is not None
+            assert cli.poll() is None  # still waiting
+            send_signed(sandbox, people["admin"], f"approve {match.group(1)}", token("cli-approve"))
+            out, err = cli.communicate(timeout=120)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+        assert cli.returncode == 0, out + err
+        assert "succeeded" in out + err
