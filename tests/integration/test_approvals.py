@@ -166,7 +166,7 @@ def test_deny_ends_it_and_nobody_approving_in_time_cancels_it(sandbox: Sandbox, 
 def test_cli_run_waits_through_the_approval(sandbox: Sandbox, tmp_path: Path) -> None:
     """`carrier run --wait` as the local user: the admin is mailed, approves by signed mail, and the
     CLI's exit status is the run's."""
-    with serving(sandbox, playbook_dirs=[str(_playbooks(tmp_path))]) as (serve, _directory), \
+    with serving(sandbox, playbook_dirs=[str(_playbooks(tmp_path))]) as (serve, directory), \
             identities(sandbox) as people:
         serve.start()
         cli = subprocess.Popen(
@@ -183,7 +183,10 @@ def test_cli_run_waits_through_the_approval(sandbox: Sandbox, tmp_path: Path) ->
             assert asked, "the admin was never asked"
             match = re.search(r"\(job (j-[a-z2-7]{12})\)", str(asked[-1]["Subject"]))
             assert match is not None
+            time.sleep(2)  # time enough for a ping to have run, were it not held
             assert cli.poll() is None  # still waiting
+            held = _job(directory / "state", match.group(1))
+            assert held["status"] == "queued" and held["started_at"] is None and held["approval"] == "pending"
             send_signed(sandbox, people["admin"], f"approve {match.group(1)}", token("cli-approve"))
             out, err = cli.communicate(timeout=120)
         finally:
