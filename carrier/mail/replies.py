@@ -11,7 +11,6 @@ robots do not answer it.
 
 from __future__ import annotations
 
-import email.policy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -28,9 +27,12 @@ from carrier.jobs.manager import JobView
 from carrier.jobs.render import event_text
 from carrier.log import redact
 from carrier.mail.compose import (
+    SMTP_POLICY,
     Draft,
     OutgoingAttachment,
     check_address,
+    check_attachment_name,
+    check_headers,
     compose,
     new_message_id,
     reply_references,
@@ -269,8 +271,11 @@ def _safe_id(value: str | None) -> bool:
 
 
 def body_entity(body: ReplyBody) -> EmailMessage:
-    """The MIME body to sign: text, HTML alternative, attachments; 7-bit (QP/base64)."""
-    part = EmailMessage(policy=email.policy.SMTP)
+    """The MIME body to sign: text, HTML alternative, attachments; 7-bit (QP/base64).
+
+    Written with compose's header-safe policy and checked like a composed message.
+    """
+    part = EmailMessage(policy=SMTP_POLICY)
     text = body.text if body.text.endswith("\n") else body.text + "\n"
     part.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
     if body.html:
@@ -281,9 +286,10 @@ def body_entity(body: ReplyBody) -> EmailMessage:
             attachment.content,
             maintype=main or "application",
             subtype=sub or "octet-stream",
-            filename=attachment.filename,
+            filename=check_attachment_name(attachment.filename),
         )
     del part["MIME-Version"]
+    check_headers(part)
     return part
 
 
