@@ -230,3 +230,24 @@ def test_a_token_as_issued_is_well_formed() -> None:
     from carrier.auth.tokens import new_token
 
     assert token_problem(new_token()) is None
+
+
+def test_bearer_token_checks_the_form_and_registers_every_piece_for_redaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import carrier.log
+    from carrier.log import RedactingFilter, redact
+    from carrier.mcp.remote import RemoteError, bearer_token
+
+    monkeypatch.setattr(carrier.log, "_FILTER", RedactingFilter())  # keep the process-wide one clean
+
+    good = "Zq" * 21 + "Z"
+    assert bearer_token({"T": good + "\n"}, "T") == good
+    assert "***" in redact(f"x {good} y") and good not in redact(f"x {good} y")
+    with pytest.raises(RemoteError) as refused:
+        bearer_token({"T": good + "\r\nX-Leak: yes-this-part"}, "T")
+    assert str(refused.value).startswith("$T does not hold a Carrier token: it contains a line break")
+    assert good not in str(refused.value)
+    assert "yes-this-part" not in redact("header: X-Leak: yes-this-part")
+    with pytest.raises(RemoteError, match=r"^\$T is empty"):
+        bearer_token({}, "T")
