@@ -28,11 +28,13 @@ from carrier.jobs.render import event_text
 from carrier.log import redact
 from carrier.mail.compose import (
     SMTP_POLICY,
+    ComposeError,
     Draft,
     OutgoingAttachment,
     check_address,
     check_attachment_name,
     check_headers,
+    check_message_id,
     compose,
     new_message_id,
     reply_references,
@@ -262,12 +264,21 @@ def thread_of(headers: Headers, to: str) -> Thread:
     refs = reply_references(headers.references, headers.in_reply_to, headers.message_id)
     safe = tuple(r for r in refs if _safe_id(r))
     in_reply_to = headers.message_id if _safe_id(headers.message_id) else None
-    subject = " ".join(redact(headers.subject).split())[:200]
+    # Read once already: an encoded word left in the subject was nested by the sender, and would
+    # be decoded again when the reply is written. Break its "=?" so it stays text.
+    subject = " ".join(redact(headers.subject).split())[:200].replace("=?", "= ?")
     return Thread(to, reply_subject(subject), in_reply_to, safe)
 
 
 def _safe_id(value: str | None) -> bool:
-    return bool(value) and len(value or "") <= 250 and all(32 < ord(c) < 127 for c in value or "")
+    """A Message-ID compose will write as is (printable ASCII, no encoded words, ``<id@domain>``)."""
+    if not value or len(value) > 250 or not all(32 < ord(c) < 127 for c in value):
+        return False
+    try:
+        check_message_id(value, "reference")
+    except ComposeError:
+        return False
+    return True
 
 
 def body_entity(body: ReplyBody) -> EmailMessage:

@@ -251,3 +251,24 @@ def test_bearer_token_checks_the_form_and_registers_every_piece_for_redaction(
     assert "yes-this-part" not in redact("header: X-Leak: yes-this-part")
     with pytest.raises(RemoteError, match=r"^\$T is empty"):
         bearer_token({}, "T")
+
+
+def test_an_email_door_reply_to_a_nested_subject_and_encoded_ids_stays_writable() -> None:
+    # The door answers the sender's mail: a subject that decodes to an encoded word again, and
+    # Message-IDs holding encoded words, must neither inject nor make the reply impossible.
+    from carrier.mail.parse import parse_headers
+    from carrier.mail.replies import thread_of
+
+    evil_id = f"<{b_word(EVIL)}@x.test>"
+    raw = (
+        f"From: a@x.test\r\nSubject: {b_word(b_word(EVIL))}\r\nMessage-ID: {evil_id}\r\n"
+        f"References: <root@x.test> {evil_id}\r\n\r\n"
+    ).encode()
+    thread = thread_of(parse_headers(raw), "a@x.test")
+    assert thread.in_reply_to is None and thread.references == ("<root@x.test>",)
+    built = compose(
+        draft(subject=thread.subject, in_reply_to=thread.in_reply_to, references=thread.references)
+    )
+    message = reparse(to_bytes(built))
+    assert message["Reply-To"] is None and b"FORGED" not in to_bytes(built).split(b"\r\n\r\n", 1)[1]
+    assert message["Subject"].startswith("Re: = ?utf-8?b?")
