@@ -276,6 +276,13 @@ def _maintype(mime_type: str, filename: str) -> tuple[str, str]:
 
 def compose(draft: Draft, *, now: datetime | None = None, message_id: str | None = None) -> EmailMessage:
     """The message for ``draft``; ComposeError when a header would be unsafe or recipients are missing."""
+    try:
+        return _build(draft, now=now, message_id=message_id)
+    except ValueError as exc:  # the email package's own refusals (it checks some values itself)
+        raise ComposeError(f"a header cannot be written safely: {exc}") from None
+
+
+def _build(draft: Draft, *, now: datetime | None, message_id: str | None) -> EmailMessage:
     if not (draft.to or draft.cc or draft.bcc):
         raise ComposeError("no recipients: give at least one address in to, cc or bcc")
     subject = check_header_text(draft.subject, "subject")
@@ -314,10 +321,7 @@ def compose(draft: Draft, *, now: datetime | None = None, message_id: str | None
         name = check_attachment_name(attachment.filename)
         main, sub = _maintype(attachment.mime_type, name)
         msg.add_attachment(attachment.content, maintype=main, subtype=sub, filename=name)
-    try:
-        check_headers(msg)
-    except ValueError as exc:  # the email package's own refusals (it checks some values itself)
-        raise ComposeError(f"a header cannot be written safely: {exc}") from None
+    check_headers(msg)
     for part, attachment in zip(msg.iter_attachments(), draft.attachments, strict=False):
         if part.get_filename() != attachment.filename:  # quoting or RFC 2231 would change the name
             raise ComposeError(
