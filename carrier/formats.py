@@ -90,3 +90,35 @@ def playbook_stem(name: object) -> str | None:
     if PLAYBOOK_NAME_RE.fullmatch(bare) is None or bare.endswith(".meta"):
         return None
     return bare
+
+
+#: Characters some reader takes as the end of a line (CR, LF, VT, FF, FS, GS, RS, NEL, LINE and
+#: PARAGRAPH SEPARATOR: what ``str.splitlines`` splits on) or of a string (NUL). None of them may be
+#: inside a mail header, an HTTP header or a token, whether written as is or produced by decoding.
+LINE_BREAK_CHARS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00")
+
+
+def line_break_in(value: str) -> str | None:
+    """The first line-break or NUL character of ``value`` named as ``U+000D``, or None."""
+    for char in value:
+        if char in LINE_BREAK_CHARS:
+            return f"U+{ord(char):04X}"
+    return None
+
+
+#: A Carrier bearer token: what ``secrets.token_urlsafe(32)`` makes, 43 characters of the URL-safe
+#: base64 alphabet (carrier/auth/tokens.py issues them).
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def token_problem(value: str) -> str | None:
+    """Why ``value`` is not a well-formed bearer token, or None. Never quotes the value: it is a secret."""
+    if TOKEN_RE.fullmatch(value):
+        return None
+    if line_break_in(value):
+        return "it contains a line break or NUL (CR, LF, ...): copy the token alone, on one line"
+    if any(c.isspace() for c in value):
+        return "it contains spaces or tabs: copy the token alone"
+    if any(not ("A" <= c <= "Z" or "a" <= c <= "z" or "0" <= c <= "9" or c in "_-") for c in value):
+        return "it contains characters other than A-Z a-z 0-9 _ -"
+    return f"it is {len(value)} characters long, a Carrier token has 43"

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from carrier.auth.errors import TokenError
 from carrier.auth.policy import Identity, check_scopes
+from carrier.formats import TOKEN_RE
 from carrier.store import Store, TokenRecord, check_token_id
 
 TOKEN_BYTES = 32  # 256 bits
-#: What ``secrets.token_urlsafe(32)`` produces: 43 characters of the URL-safe alphabet.
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+#: What ``secrets.token_urlsafe(32)`` produces: 43 characters of the URL-safe alphabet (one place:
+#: ``carrier remote`` checks a token's form with the same pattern before sending it).
+_TOKEN_RE = TOKEN_RE
 INVALID = "invalid, expired or revoked token"
 
 

@@ -6,28 +6,83 @@ In-Reply-To/References when it answers another. The body's shape picks the MIME 
 text only → text/plain; text + HTML → multipart/alternative; attachments → multipart/mixed.
 Output is 7-bit clean (non-ASCII headers RFC 2047, bodies quoted-printable or base64), so any
 SMTP server takes it without SMTPUTF8 or 8BITMIME.
+
+Header injection is stopped twice. Every header value from outside passes ``check_header_text``,
+which refuses a line break or NUL in the text *and in every RFC 2047 decoding of it* (the email
+package decodes ``=?utf-8?b?...?=`` on its own and would write a decoded CR LF out); ``compose``
+then checks each header of the finished message the same way. And the policy that writes the
+message (:data:`POLICY`) refuses to fold a header into anything but one header line plus
+whitespace-led continuation lines, so no decoded CR/LF can reach the wire by any path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.policy import EmailPolicy
 from email.utils import format_datetime, getaddresses
+from typing import Any
 
 from carrier import __version__
 from carrier.errors import CarrierError
+from carrier.formats import line_break_in
 from carrier.mail.htmltext import html_to_text
 from carrier.mail.records import Address
 
-#: Generation policy: CRLF, 7-bit transfer encodings.
-POLICY = SMTP.clone(cte_type="7bit")
+
+class ComposeError(CarrierError):
+    """A draft cannot become a message (bad address, header injection, missing recipient)."""
+
+
+def _check_folded(name: str, folded: str, linesep: str) -> None:
+    """``folded`` must be one ``name:`` line plus continuation lines that start with a space or tab."""
+    text = folded[: -len(linesep)] if folded.endswith(linesep) else folded
+    lines = text.split(linesep)
+    bad = (
+        not lines[0].lower().startswith(name.lower() + ":")
+        or any(line_break_in(line) for line in lines)
+        or any(line[:1] not in (" ", "\t") or not line.strip() for line in lines[1:])
+    )
+    if bad:
+        raise ComposeError(
+            f"header {name} would not stay one header on the wire (header injection is refused)"
+        )
+
+
+class WirePolicy(EmailPolicy):
+    """``EmailPolicy`` that refuses to write a header folded into more than one header (or a blank line).
+
+    The last line of defence: whatever the email package decoded or re-encoded, what is written is
+    one header line and its whitespace-led continuations.
+    """
+
+    def fold(self, name: str, value: Any) -> str:
+        folded: str = super().fold(name, value)
+        _check_folded(name, folded, self.linesep)
+        return folded
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        folded = super().fold_binary(name, value)
+        _check_folded(name, folded.decode("ascii", "surrogateescape"), self.linesep)
+        return folded
+
+
+#: SMTP framing (CRLF) with the fold check; :data:`POLICY` adds 7-bit transfer encodings.
+SMTP_POLICY = WirePolicy(linesep="\r\n")
+#: Generation policy: CRLF, 7-bit transfer encodings, headers that cannot break out of their line.
+POLICY = SMTP_POLICY.clone(cte_type="7bit")
+#: How many rounds of RFC 2047 decoding ``check_header_text`` follows (nested encoded words), and
+#: how many distinct decodings it looks at, before it calls the value too convoluted to send.
+_MAX_DECODE_ROUNDS = 8
+_MAX_DECODINGS = 32
 USER_AGENT = f"carrier/{__version__}"
 #: References kept in a reply: RFC 5322 allows trimming; keep the first id (the thread root) and the
 #: most recent ones, which is what clients thread on.
@@ -37,10 +92,6 @@ _DOMAIN = re.compile(
     r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$"
 )
 _MSGID = re.compile(r"^<[^<>\s@]+@[^<>\s@]+>$")
-
-
-class ComposeError(CarrierError):
-    """A draft cannot become a message (bad address, header injection, missing recipient)."""
 
 
 @dataclass(frozen=True)
@@ -67,15 +118,73 @@ class Draft:
     extra_headers: tuple[tuple[str, str], ...] = field(default=())
 
 
-def _no_newlines(value: str, what: str) -> str:
-    if any(ch in value for ch in "\r\n\x00"):
-        raise ComposeError(f"{what} contains a line break or NUL: remove it (header injection is refused)")
+def _decoded_once(text: str) -> set[str]:
+    """What RFC 2047 decoding makes of ``text``: as ``email.header`` reads it (encoded words
+    anywhere) and as the email package's header parser does when it stores a header."""
+    out: set[str] = set()
+    # An unknown charset or undecodable bytes stop this reading; the parser below copes with them.
+    with contextlib.suppress(LookupError, UnicodeError, ValueError):
+        out.add(str(make_header(decode_header(text))))
+    out.add(str(SMTP_POLICY.header_factory("subject", text)))
+    return out
+
+
+def header_decodings(value: str) -> list[str]:
+    """``value`` first, then every text RFC 2047 decoding makes of it, nested decodings included
+    (a decoded text that holds encoded words again is decoded again, as the next reader would).
+
+    ComposeError when the nesting goes deeper than any honest header needs.
+    """
+    forms = [value]
+    seen = {value}
+    todo = [value]
+    for _ in range(_MAX_DECODE_ROUNDS):
+        fresh = [d for text in todo if "=?" in text for d in _decoded_once(text) if d not in seen]
+        if not fresh:
+            return forms
+        seen.update(fresh)
+        forms.extend(dict.fromkeys(fresh))
+        if len(forms) > _MAX_DECODINGS:
+            break
+        todo = fresh
+    raise ComposeError("a header value nests RFC 2047 encoded words too deeply: send it as plain text")
+
+
+def check_header_text(value: str, what: str) -> str:
+    """``value`` if neither it nor any RFC 2047 decoding of it holds a line break or NUL.
+
+    The one check for every header text Carrier writes from outside input (subject, display names,
+    addresses, Message-IDs, file names, extra headers); ComposeError naming ``what`` otherwise.
+    Line breaks are CR, LF and the other characters :data:`carrier.formats.LINE_BREAK_CHARS` lists
+    (U+0085, U+2028, U+2029, ...).
+    """
+    if not isinstance(value, str):
+        raise ComposeError(f"{what} must be text, not {type(value).__name__}")
+    for position, form in enumerate(header_decodings(value)):
+        char = line_break_in(form)
+        if char:
+            how = " once its RFC 2047 encoded words (=?charset?B/Q?...?=) are decoded" if position else ""
+            raise ComposeError(
+                f"{what} contains a line break or NUL ({char}){how}: remove it (header injection is refused)"
+            )
     return value
+
+
+def check_headers(msg: EmailMessage) -> None:
+    """Every header of every part of ``msg``, decoded and folded as it will be sent, is one line of
+    text: ComposeError naming the header otherwise (the net under the per-field checks)."""
+    for part in msg.walk():
+        for name, value in part.items():
+            check_header_text(str(value), f"header {name}")
+            params = getattr(value, "params", None) or {}
+            for key, param in params.items():
+                check_header_text(str(param), f"header {name} parameter {key}")
+            POLICY.fold(name, value)
 
 
 def check_address(addr: str, what: str = "address") -> str:
     """``addr`` if it is one plain ``local@domain`` address, else ComposeError naming the problem."""
-    addr = _no_newlines(addr.strip(), what)
+    addr = check_header_text(addr, what).strip()
     local, at, domain = addr.rpartition("@")
     if not at or not local or not domain or any(c in addr for c in ' <>,;"()[]\\'):
         raise ComposeError(f"{what} {addr!r} is not an email address: use local@domain")
@@ -99,7 +208,7 @@ def parse_recipients(values: str | Sequence[str] | None, what: str) -> tuple[Add
     for item in items:
         if not isinstance(item, str):
             raise ComposeError(f"{what}: expected address strings, got {type(item).__name__}")
-        _no_newlines(item, what)
+        check_header_text(item, what)
         pairs = getaddresses([item])
         if not item.strip():
             continue
@@ -141,10 +250,13 @@ def reply_references(references: Sequence[str], in_reply_to: str | None, message
 
 
 def check_message_id(value: str, what: str) -> str:
+    """``<id@domain>`` from ``value`` (angle brackets added when missing); printable ASCII only and no
+    encoded words, since In-Reply-To and References are decoded like free text."""
+    check_header_text(value, what)
     value = value.strip()
     if not value.startswith("<"):
         value = f"<{value}>"
-    if not _MSGID.match(value):
+    if not _MSGID.match(value) or not value.isascii() or not value.isprintable() or "=?" in value:
         raise ComposeError(f"{what} {value!r} is not a Message-ID: expected <id@domain>")
     return value
 
@@ -164,11 +276,18 @@ def _maintype(mime_type: str, filename: str) -> tuple[str, str]:
 
 def compose(draft: Draft, *, now: datetime | None = None, message_id: str | None = None) -> EmailMessage:
     """The message for ``draft``; ComposeError when a header would be unsafe or recipients are missing."""
+    try:
+        return _build(draft, now=now, message_id=message_id)
+    except ValueError as exc:  # the email package's own refusals (it checks some values itself)
+        raise ComposeError(f"a header cannot be written safely: {exc}") from None
+
+
+def _build(draft: Draft, *, now: datetime | None, message_id: str | None) -> EmailMessage:
     if not (draft.to or draft.cc or draft.bcc):
         raise ComposeError("no recipients: give at least one address in to, cc or bcc")
-    subject = _no_newlines(draft.subject, "subject")
+    subject = check_header_text(draft.subject, "subject")
     for address in (draft.sender, *draft.to, *draft.cc, *draft.bcc):
-        _no_newlines(address.name, "a display name")
+        check_header_text(address.name, f"the display name of {address.addr}")
         check_address(address.addr)
     msg = EmailMessage(policy=POLICY)
     when = (now or datetime.now(UTC)).astimezone(UTC)
@@ -188,7 +307,9 @@ def compose(draft: Draft, *, now: datetime | None = None, message_id: str | None
         msg["References"] = " ".join(check_message_id(r, "references") for r in draft.references)
     msg["User-Agent"] = USER_AGENT
     for name, value in draft.extra_headers:
-        msg[_no_newlines(name, "a header name")] = _no_newlines(value, f"header {name}")
+        if not re.fullmatch(r"[!-9;-~]+", name):
+            raise ComposeError(f"header name {name!r} is not a header name: printable ASCII without ':'")
+        msg[name] = check_header_text(value, f"header {name}")
 
     body = draft.body
     if not body.strip() and draft.body_html:
@@ -197,12 +318,25 @@ def compose(draft: Draft, *, now: datetime | None = None, message_id: str | None
     if draft.body_html:
         msg.add_alternative(draft.body_html, subtype="html")
     for attachment in draft.attachments:
-        name = _no_newlines(attachment.filename, "an attachment file name")
-        if not name or "/" in name or "\\" in name:
-            raise ComposeError(f"attachment file name {name!r} must be a plain file name")
+        name = check_attachment_name(attachment.filename)
         main, sub = _maintype(attachment.mime_type, name)
         msg.add_attachment(attachment.content, maintype=main, subtype=sub, filename=name)
+    check_headers(msg)
+    for part, attachment in zip(msg.iter_attachments(), draft.attachments, strict=False):
+        if part.get_filename() != attachment.filename:  # quoting or RFC 2231 would change the name
+            raise ComposeError(
+                f"attachment file name {attachment.filename!r} would reach the recipient changed "
+                "(encoded words =?...?= or quoting in it): rename the file"
+            )
     return msg
+
+
+def check_attachment_name(filename: str) -> str:
+    """``filename`` if it is a plain file name that is safe in a Content-Disposition header."""
+    name = check_header_text(filename, "an attachment file name")
+    if not name or "/" in name or "\\" in name:
+        raise ComposeError(f"attachment file name {name!r} must be a plain file name")
+    return name
 
 
 def to_bytes(msg: EmailMessage) -> bytes:

@@ -11,7 +11,6 @@ robots do not answer it.
 
 from __future__ import annotations
 
-import email.policy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -28,9 +27,14 @@ from carrier.jobs.manager import JobView
 from carrier.jobs.render import event_text
 from carrier.log import redact
 from carrier.mail.compose import (
+    SMTP_POLICY,
+    ComposeError,
     Draft,
     OutgoingAttachment,
     check_address,
+    check_attachment_name,
+    check_headers,
+    check_message_id,
     compose,
     new_message_id,
     reply_references,
@@ -260,17 +264,29 @@ def thread_of(headers: Headers, to: str) -> Thread:
     refs = reply_references(headers.references, headers.in_reply_to, headers.message_id)
     safe = tuple(r for r in refs if _safe_id(r))
     in_reply_to = headers.message_id if _safe_id(headers.message_id) else None
-    subject = " ".join(redact(headers.subject).split())[:200]
+    # Read once already: an encoded word left in the subject was nested by the sender, and would
+    # be decoded again when the reply is written. Break its "=?" so it stays text.
+    subject = " ".join(redact(headers.subject).split())[:200].replace("=?", "= ?")
     return Thread(to, reply_subject(subject), in_reply_to, safe)
 
 
 def _safe_id(value: str | None) -> bool:
-    return bool(value) and len(value or "") <= 250 and all(32 < ord(c) < 127 for c in value or "")
+    """A Message-ID compose will write as is (printable ASCII, no encoded words, ``<id@domain>``)."""
+    if not value or len(value) > 250 or not all(32 < ord(c) < 127 for c in value):
+        return False
+    try:
+        check_message_id(value, "reference")
+    except ComposeError:
+        return False
+    return True
 
 
 def body_entity(body: ReplyBody) -> EmailMessage:
-    """The MIME body to sign: text, HTML alternative, attachments; 7-bit (QP/base64)."""
-    part = EmailMessage(policy=email.policy.SMTP)
+    """The MIME body to sign: text, HTML alternative, attachments; 7-bit (QP/base64).
+
+    Written with compose's header-safe policy and checked like a composed message.
+    """
+    part = EmailMessage(policy=SMTP_POLICY)
     text = body.text if body.text.endswith("\n") else body.text + "\n"
     part.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
     if body.html:
@@ -281,9 +297,10 @@ def body_entity(body: ReplyBody) -> EmailMessage:
             attachment.content,
             maintype=main or "application",
             subtype=sub or "octet-stream",
-            filename=attachment.filename,
+            filename=check_attachment_name(attachment.filename),
         )
     del part["MIME-Version"]
+    check_headers(part)
     return part
 
 

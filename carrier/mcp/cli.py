@@ -116,14 +116,13 @@ def remote_run(ctx: click.Context, playbook: str, limit: str | None, extra_vars:
     """Run PLAYBOOK on the remote Carrier; exit 0 success, 2 failed hosts, 4 unreachable, 1 errors."""
     import anyio
 
+    from carrier.log import redact
     from carrier.mcp import remote as rem
     from carrier.ops import parse_assignments
 
     opts = ctx.obj
     try:
-        token = os.environ.get(opts["token_env"], "").strip()
-        if not token:
-            raise rem.RemoteError(f"${opts['token_env']} is empty: put the token in that variable")
+        token = rem.bearer_token(os.environ, opts["token_env"])  # checked and registered for redaction
         name = playbook[:-4] if playbook.endswith(".yml") else playbook[:-5] if playbook.endswith(".yaml") \
             else playbook
         variables = parse_assignments(extra_vars)
@@ -132,7 +131,10 @@ def remote_run(ctx: click.Context, playbook: str, limit: str | None, extra_vars:
                                                  extra_vars=variables, wait=wait or junit is not None,
                                                  echo=click.echo))
     except CarrierError as exc:
-        click.echo(f"carrier: error: {exc}", err=True)
+        click.echo(f"carrier: error: {redact(str(exc))}", err=True)
+        sys.exit(rem.EXIT_ERROR)
+    except Exception as exc:  # no traceback: its text could quote the request (and so the token)
+        click.echo(f"carrier: error: unexpected {type(exc).__name__}: {redact(str(exc))}", err=True)
         sys.exit(rem.EXIT_ERROR)
     if not (wait or junit is not None):
         return

@@ -4,6 +4,10 @@ TLS is always verified: against the system CAs, a CA file, or a pinned SHA-256 f
 server's certificate (then exactly that certificate is trusted for the session). The verdict of a
 playbook run maps to exit codes like ``ansible-playbook``: 0 ok, 2 failed hosts, 4 unreachable
 hosts, 1 for anything else (bad input, refused token, no connection, a run that ended otherwise).
+
+The token is a secret and CI logs are public: ``bearer_token`` checks its form before it goes near
+an HTTP header (a CR or LF in it would make the HTTP library quote it in its error) and registers
+it for redaction, and every message this module raises passes through ``carrier.log.redact``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from carrier.errors import CarrierError
+from carrier.formats import token_problem
+from carrier.log import add_secret, redact
 
 EXIT_OK, EXIT_ERROR, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2, 4
 _FPR_RE = re.compile(r"(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}")
@@ -27,6 +33,27 @@ _FPR_RE = re.compile(r"(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}")
 
 class RemoteError(CarrierError):
     """The remote Carrier could not be reached or refused the request."""
+
+
+def bearer_token(environ: Mapping[str, str], name: str) -> str:
+    """The token in environment variable ``name``, checked for form; RemoteError otherwise.
+
+    The value (and each word of it, should it hold spaces or line breaks) is registered with
+    ``carrier.log.add_secret`` first, and no message here ever includes it.
+    """
+    raw = environ.get(name, "")
+    for piece in {raw, *re.split(r"[\s\x00]+", raw)}:
+        add_secret(piece)
+    token = raw.strip()
+    if not token:
+        raise RemoteError(f"${name} is empty: put the token in that variable")
+    problem = token_problem(token)
+    if problem:
+        raise RemoteError(
+            f"${name} does not hold a Carrier token: {problem} (the value is not shown; "
+            "`carrier token issue` prints a token)"
+        )
+    return token
 
 
 def normalize_fingerprint(value: str) -> str:
@@ -190,25 +217,29 @@ async def run_playbook(
     def result_of(result: Any, tool: str) -> dict[str, Any]:
         text = "".join(getattr(c, "text", "") for c in result.content)
         if result.is_error:
-            raise RemoteError(f"{tool}: {text}")
+            raise RemoteError(redact(f"{tool}: {text}"))
         data = result.structured_content
         if not isinstance(data, dict):
             data = json.loads(text)
         return dict(data)
 
+    add_secret(token)
+    problem = token_problem(token)
+    if problem:  # never let the HTTP library see (and quote) a malformed token
+        raise RemoteError(f"the bearer token is not a Carrier token: {problem}")
     refused: list[int] = []
 
     async def note_refusal(response: httpx2.Response) -> None:
         if response.status_code in (401, 403, 413, 429):
             refused.append(response.status_code)
 
-    http = httpx2.AsyncClient(
-        verify=context,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=httpx2.Timeout(30.0, read=300.0),
-        event_hooks={"response": [note_refusal]},
-    )
     try:
+        http = httpx2.AsyncClient(
+            verify=context,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx2.Timeout(30.0, read=300.0),
+            event_hooks={"response": [note_refusal]},
+        )
         async with http, Client(streamable_http_client(url, http_client=http)) as client:
             args: dict[str, Any] = {"playbook": playbook, "extra_vars": dict(extra_vars)}
             if limit:
@@ -237,7 +268,8 @@ async def run_playbook(
         raise
     except Exception as exc:  # connection, TLS and HTTP status errors end up here
         status = refused[-1] if refused else None
-        raise RemoteError(f"cannot talk to {url}: {REFUSALS.get(status) if status else _why(exc)}") from None
+        why = REFUSALS.get(status) if status else redact(_why(exc))
+        raise RemoteError(f"cannot talk to {url}: {why}") from None
 
 
 REFUSALS = {
