@@ -77,7 +77,7 @@ COMMAND_RUNNERS: Mapping[str, tuple[str, ...]] = {
     "an interpreter": ("python", "python[0-9]*", "pypy*", "perl", "perl[0-9]*", "ruby", "ruby[0-9]*",
                        "irb", "php", "php[0-9]*", "php-cgi*", "node", "nodejs", "deno", "bun", "lua",
                        "lua[0-9]*", "luajit", "tclsh", "tclsh[0-9]*", "wish", "wish[0-9]*", "expect",
-                       "awk", "gawk", "mawk", "nawk", "busybox", "rscript", "julia", "guile*", "gdb",
+                       "awk", "gawk", "mawk", "nawk", "rscript", "julia", "guile*", "gdb",
                        "jshell", "groovy", "scala", "erl", "escript", "racket", "sbcl", "ghci", "runghc"),
     "a launcher (it runs the program its arguments name)": (
         "env", "xargs", "nice", "nohup", "timeout", "setsid", "stdbuf", "ionice", "chrt", "taskset",
