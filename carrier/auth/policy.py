@@ -344,12 +344,16 @@ def _module_problem(identity: Identity, role: Role, module: str, args: str | Non
     if isinstance(words, str):
         return words
     argv = [w for w in words if w.split("=", 1)[0] not in COMMAND_MODULE_OPTIONS or "=" not in w]
-    if len(argv) < len(words) and any(w.startswith("executable=") for w in words):
-        return (f"role {name} may not set executable= on module {module}: it replaces the program "
-                "the module runs (use the shell module, which needs shell: true)")
-    if not argv:
-        return None
-    return _argv_problem(name, role, argv, shell_text=None)
+    if role.shell and role.commands is None:
+        return _argv_problem(name, role, argv, shell_text=None) if argv else None
+    why = f"role {name} has no shell" if not role.shell else f"role {name} has a commands: list"
+    if any(w.startswith("executable=") for w in words):
+        return (f"{why}: executable= on module {module} replaces the program it runs "
+                f"{'(needs shell: true)' if not role.shell else '(the list cannot check it)'}")
+    if any("$" in w for w in argv):
+        # The module expands $VARIABLES itself (expand_argument_vars): `$SHELL -c id` would run a shell.
+        return f"{why}: module {module} expands $variables in its arguments, so $ is not allowed"
+    return _argv_problem(name, role, argv, shell_text=None) if argv else None
 
 
 def _first(problems: Sequence[str | None], granted: str) -> Decision:
