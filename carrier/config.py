@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import os
 import re
+import shlex
 import stat
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -173,6 +174,11 @@ class Role:
     #: May target the Carrier controller itself: inventory hosts with ``connection: local`` or an
     #: address of this machine, and catalog playbooks marked ``controller: true``. Off by default.
     local: bool = False
+    #: The programs this role may run (exec, terminal jobs, the ad-hoc ``command`` module), each a
+    #: program (absolute path or bare name) and its argument patterns, as split from
+    #: ``commands:`` entries such as ``systemctl status *``. None (no ``commands:``): any program
+    #: except interpreters and launchers when ``shell`` is false (see carrier.auth.policy).
+    commands: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -832,6 +838,34 @@ _MCP: Mapping[str, _F] = {
 }
 _ADMIN: Mapping[str, _F] = {"email": _F(_email, _REQUIRED), "fingerprint": _F(_fingerprint, _REQUIRED)}
 _USER: Mapping[str, _F] = {**_ADMIN, "role": _F(_str, _REQUIRED, "the name of one of the roles")}
+#: Characters a ``commands:`` program name may not contain (it is matched literally, not as a glob).
+_PROGRAM_GLOB = re.compile(r"[*?\[\]]")
+
+
+def _command_rule(value: Any, at: _At) -> tuple[str, ...]:
+    """One ``commands:`` entry: ``PROGRAM [ARG-PATTERN ...]`` split like a shell would."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("expected a command such as `systemctl status *` or `/usr/bin/uptime`, "
+                       f"got {_show(value)}")
+    if "\x00" in value or "\n" in value or "\r" in value:
+        raise _Invalid("a command entry must be one line without NUL characters")
+    try:
+        words = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise _Invalid(f"cannot split {value!r}: {exc} (quote arguments as in a shell)") from None
+    if not words:
+        raise _Invalid("a command entry names no program")
+    program = words[0]
+    if program.startswith("-"):
+        raise _Invalid(f"{value!r} starts with {program!r}: the first word is the program, not an option")
+    if _PROGRAM_GLOB.search(program):
+        raise _Invalid(f"the program {program!r} contains a glob character: name one program "
+                       "(an absolute path or a bare name); patterns are for its arguments")
+    if "/" in program and not program.startswith("/"):
+        raise _Invalid(f"the program {program!r} is a relative path: give an absolute path or a bare name")
+    return words
+
+
 _ROLE: Mapping[str, _F] = {
     "playbooks": _F(_list(_str), ()),
     "hosts": _F(_str, "all"),
@@ -841,6 +875,7 @@ _ROLE: Mapping[str, _F] = {
     "modules": _F(_list(_str), ()),
     "mail": _F(_list(_str), ()),
     "local": _F(_bool, False),
+    "commands": _F(_list(_command_rule), None),
 }
 
 

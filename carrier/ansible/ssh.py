@@ -154,12 +154,21 @@ def connection_argv(
     return argv
 
 
+def _quote_always(word: str) -> str:
+    """``word`` in single quotes even when ``shlex.quote`` would leave it bare (``FOO=1``, ``time``)."""
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
 def remote_command(command: Sequence[str] | str, *, shell: bool) -> str:
     """The string ssh sends to the remote login shell.
 
     Without ``shell`` the command is an argv, quoted with ``shlex.join`` so the remote shell gives
-    the program exactly those arguments (no expansion, no ``;``, ``|`` or ``$()``). With ``shell``
-    (a policy decision made by the caller) a string goes as it is.
+    the program exactly those arguments (no expansion, no ``;``, ``|`` or ``$()``). The program comes
+    after ``exec`` and always in quotes: the remote shell runs one program found on PATH, never a
+    builtin (``eval``, ``trap``, ``source``), a keyword (``coproc``, ``time``) or an assignment
+    (``PATH=/x sh``). A first word starting with ``-`` is refused in both modes (the remote shell
+    would read it as its own option). With ``shell`` (a policy decision made by the caller) a string
+    goes as it is.
     """
     if shell:
         text = command if isinstance(command, str) else shlex.join(command)
@@ -167,6 +176,8 @@ def remote_command(command: Sequence[str] | str, *, shell: bool) -> str:
             raise SshError("the command is empty")
         if "\0" in text:
             raise SshError("the command contains a NUL character")
+        if text.lstrip().startswith("-"):
+            raise SshError("the command starts with '-': name the program first")
         return text
     if isinstance(command, str):
         raise SshError("a command without shell must be a list of arguments (argv), not a string")
@@ -175,7 +186,9 @@ def remote_command(command: Sequence[str] | str, *, shell: bool) -> str:
         raise SshError("the command is empty: give the program to run")
     if any(not isinstance(a, str) or "\0" in a for a in args):
         raise SshError("command arguments must be strings without NUL characters")
-    return shlex.join(args)
+    if args[0].startswith("-"):
+        raise SshError(f"the command starts with {args[0]!r}: name the program first, not an option")
+    return " ".join(["exec", _quote_always(args[0]), *(shlex.quote(a) for a in args[1:])])
 
 
 def host_command(

@@ -6,12 +6,19 @@ mail tools). A bearer token narrows its owner's role further with scopes (``tool
 (the jobs layer expands inventory patterns first), so a pattern cannot smuggle in a host; a host
 that is the Carrier controller (``HostRef.local``) or a playbook that runs tasks there
 (``Request.controller``) needs a role with ``local: true``.
+
+Commands (exec, terminal jobs, the ad-hoc ``command`` module) are split here with ``shlex`` and
+decided on their program: shells, interpreters and launchers (``COMMAND_RUNNERS``) need ``shell:
+true``, whatever their path or version suffix; a role's ``commands:`` list, when it has one, names
+the only programs (and argument patterns) it may run; a first word starting with ``-`` is refused
+(the remote login shell would read it as its own option).
 No I/O here: everything needed is in the arguments.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -55,6 +62,36 @@ METACHARACTERS = (";", "&", "|", "`", "$(", "${", ">", "<", "\n", "\r", "\x00")
 COMMAND_MODULES = {"command": "exec", "shell": "shell", "raw": "shell", "script": "shell",
                    "ansible.builtin.command": "exec", "ansible.builtin.shell": "shell",
                    "ansible.builtin.raw": "shell", "ansible.builtin.script": "shell"}
+#: Options Ansible's command module takes out of its free-form text (``chdir=/tmp uptime``).
+COMMAND_MODULE_OPTIONS = ("chdir", "creates", "removes", "executable", "warn", "stdin",
+                          "stdin_add_newline", "strip_empty_ends", "expand_argument_vars")
+
+#: Programs that run code given in their arguments or input, or the program their arguments name:
+#: a role without ``shell: true`` may not run them, even when its ``commands:`` list names them.
+#: Globs, matched against the lower-cased base name (``/bin/sh``, ``/usr/bin/python3.11`` count).
+#: Not a sandbox: programs with their own escapes (editors, pagers, git, tar, ssh, ...) are not
+#: here; a role that must run nothing else gets a ``commands:`` list.
+COMMAND_RUNNERS: Mapping[str, tuple[str, ...]] = {
+    "a shell": ("sh", "ash", "bash", "bash[0-9]*", "rbash", "dash", "zsh", "zsh-*", "ksh", "ksh93",
+                "mksh", "pdksh", "oksh", "yash", "posh", "csh", "tcsh", "fish", "elvish", "nu", "xonsh",
+                "pwsh", "busybox", "toybox"),
+    "an interpreter": ("python", "python[0-9]*", "pypy*", "perl", "perl[0-9]*", "ruby", "ruby[0-9]*",
+                       "irb", "php", "php[0-9]*", "php-cgi*", "node", "nodejs", "deno", "bun", "lua",
+                       "lua[0-9]*", "luajit", "tclsh", "tclsh[0-9]*", "wish", "wish[0-9]*", "expect",
+                       "awk", "gawk", "mawk", "nawk", "rscript", "julia", "guile*", "gdb",
+                       "jshell", "groovy", "scala", "erl", "escript", "racket", "sbcl", "ghci", "runghc"),
+    "a launcher (it runs the program its arguments name)": (
+        "env", "xargs", "nice", "nohup", "timeout", "setsid", "stdbuf", "ionice", "chrt", "taskset",
+        "time", "flock", "chroot", "unshare", "nsenter", "runuser", "sudo", "sudoedit", "su", "doas",
+        "pkexec", "sg", "newgrp", "script", "watch", "systemd-run", "at", "batch", "strace", "ltrace",
+        "command", "exec", "eval", "builtin", "parallel", "run-parts", "start-stop-daemon", "capsh",
+        "setpriv", "firejail", "bwrap", "proot", "fakeroot", "fakechroot", "valgrind", "perf"),
+}
+#: ``find`` runs programs with these actions: ``find`` with one of them needs ``shell: true``.
+FIND_EXEC_ACTIONS = ("-exec", "-execdir", "-ok", "-okdir")
+#: Shell text (a role with ``shell: true``) under a ``commands:`` list must be one plain command:
+#: without these it cannot run a second program or substitute one.
+SHELL_FEATURES = (*METACHARACTERS, "$", "(", ")")
 _SCOPE_RE = re.compile(r"(tools):(run|jobs|mail|\*)|(hosts):(\S+)")
 
 
@@ -192,7 +229,84 @@ def _hosts_problem(identity: Identity, role: Role, request: Request) -> str | No
     return None
 
 
-def _command_problem(identity: Identity, role: Role, command: str | None, strict: bool) -> str | None:
+def program_kind(argv: Sequence[str]) -> str | None:
+    """What makes ``argv`` run other code (``"a shell"``, ``"an interpreter"``, ...), or None."""
+    base = argv[0].rsplit("/", 1)[-1].lower()
+    for kind, globs in COMMAND_RUNNERS.items():
+        if any(fnmatchcase(base, g) for g in globs):
+            return kind
+    if base == "find" and any(a in FIND_EXEC_ACTIONS for a in argv[1:]):
+        return "a program runner with -exec/-ok"
+    return None
+
+
+def rule_matches(rule: Sequence[str], argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is allowed by one ``commands:`` entry (``PROGRAM [PATTERN ...]``).
+
+    The program matches literally (an absolute path only itself, a bare name only the bare name).
+    No patterns: any arguments; one empty pattern (``uptime ""``): none. Otherwise each argument
+    matches the pattern at its place (fnmatch), and a last pattern ``*`` takes any number of them.
+    """
+    program, patterns = rule[0], list(rule[1:])
+    if argv[0] != program:
+        return False
+    args = list(argv[1:])
+    if not patterns:
+        return True
+    if patterns == [""]:
+        return not args
+    if patterns[-1] == "*":
+        head = patterns[:-1]
+        return len(args) >= len(head) and all(fnmatchcase(a, p) for a, p in zip(args, head, strict=False))
+    return len(args) == len(patterns) and all(fnmatchcase(a, p) for a, p in zip(args, patterns, strict=True))
+
+
+def _rules_shown(rules: Sequence[Sequence[str]]) -> str:
+    shown = [shlex.join(r) for r in rules[:6]]
+    return ", ".join(shown) + (", ..." if len(rules) > 6 else "") if shown else "nothing"
+
+
+def _argv_problem(name: str, role: Role, argv: Sequence[str], *, shell_text: str | None) -> str | None:
+    """Why ``argv`` may not run for role ``name`` (``shell_text``: the text a shell will read)."""
+    program = argv[0]
+    if not program:
+        return "the command names no program (its first word is empty)"
+    if program.startswith("-"):
+        return (f"the command starts with {program!r}: the remote shell would read it as its own option; "
+                "name the program first")
+    kind = program_kind(argv)
+    if kind is not None and not role.shell:
+        base = program.rsplit("/", 1)[-1]
+        return f"role {name} has no shell: {base} is {kind} (needs shell: true)"
+    if role.commands is None:
+        return None
+    if shell_text is not None:
+        feature = next((f for f in SHELL_FEATURES if f in shell_text), None)
+        if feature is not None:
+            return (f"role {name} has a commands: list, so a command must be one plain program and its "
+                    f"arguments: {_shown(feature)} is not allowed")
+    if any(rule_matches(rule, argv) for rule in role.commands):
+        return None
+    same = [r for r in role.commands if r[0] == program]
+    if same:
+        return (f"role {name} may run {program} only as {_rules_shown(same)} "
+                f"(its commands: list), not with these arguments")
+    return f"role {name} may not run {program}: its commands: list allows {_rules_shown(role.commands)}"
+
+
+def _split(command: str) -> list[str] | str:
+    """``command`` split like a shell would, or the problem (a string) when it cannot be."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        return f"cannot split the command: {exc}"
+    return argv or "no command given"
+
+
+def _command_problem(identity: Identity, role: Role, command: str | None, strict: bool,
+                     *, shell_text: bool = False) -> str | None:
+    """Why ``command`` (an argv joined by ``shlex.join``, or with ``shell_text`` the text a shell
+    reads) may not run, or None."""
     if command is None or not command.strip():
         return "no command given"
     if "\x00" in command:
@@ -201,7 +315,48 @@ def _command_problem(identity: Identity, role: Role, command: str | None, strict
         meta = metacharacter(command)
         if meta is not None:
             return f"role {identity.role} has no shell: {_shown(meta)} is not allowed in a command"
-    return None
+    if shell_text and command.lstrip().startswith("-"):
+        return ("the command starts with '-': the remote shell would read it as its own option; "
+                "name the program first")
+    argv = _split(command)
+    if isinstance(argv, str):
+        # Shell text that shlex cannot split is still shell text: only a list needs the argv.
+        return argv if not (shell_text and role.commands is None) else None
+    return _argv_problem(identity.role, role, argv, shell_text=command if shell_text else None)
+
+
+def _module_problem(identity: Identity, role: Role, module: str, args: str | None) -> str | None:
+    """Why the ad-hoc command ``module`` with ``args`` may not run (the same rule as exec), or None."""
+    name = identity.role
+    needs = COMMAND_MODULES.get(module)
+    if needs is None:
+        return None
+    text = (args or "").strip()
+    if not text:
+        return None  # nothing runs: the module itself says what it is missing
+    if "\x00" in text:
+        return "the command contains a NUL byte"
+    if needs == "shell":
+        if module.endswith("script") and role.commands is not None:
+            return (f"role {name} has a commands: list: module {module} runs a controller file, which "
+                    "the list cannot check")
+        return _command_problem(identity, role, text, False, shell_text=True)
+    if text.startswith("{"):
+        return f"give module {module} its command as free-form text (program and arguments), not as JSON"
+    words = _split(text)
+    if isinstance(words, str):
+        return words
+    argv = [w for w in words if w.split("=", 1)[0] not in COMMAND_MODULE_OPTIONS or "=" not in w]
+    if role.shell and role.commands is None:
+        return _argv_problem(name, role, argv, shell_text=None) if argv else None
+    why = f"role {name} has no shell" if not role.shell else f"role {name} has a commands: list"
+    if any(w.startswith("executable=") for w in words):
+        return (f"{why}: executable= on module {module} replaces the program it runs "
+                f"{'(needs shell: true)' if not role.shell else '(the list cannot check it)'}")
+    if any("$" in w for w in argv):
+        # The module expands $VARIABLES itself (expand_argument_vars): `$SHELL -c id` would run a shell.
+        return f"{why}: module {module} expands $variables in its arguments, so $ is not allowed"
+    return _argv_problem(name, role, argv, shell_text=None) if argv else None
 
 
 def _first(problems: Sequence[str | None], granted: str) -> Decision:
@@ -287,7 +442,8 @@ def decide(
             return _no(f"role {name} may not run commands: module {module} is not allowed")
         if not module or not any(fnmatchcase(module, g) for g in role.modules):
             return _no(f"role {name} may not run module {module or '(none)'}")
-        return _first([_hosts_problem(identity, role, request)], f"role {name} allows {module}")
+        return _first([_module_problem(identity, role, module, request.command),
+                       _hosts_problem(identity, role, request)], f"role {name} allows {module}")
     if action == "ssh_control":
         if not role.exec:
             return _no(f"role {name} may not run commands, so it may not close ssh masters")
@@ -297,12 +453,17 @@ def decide(
             return _no(f"role {name} may not run commands")
         if request.shell and not role.shell:
             return _no(f"role {name} may not use a shell")
-        return _first([_command_problem(identity, role, request.command, strict_commands),
+        return _first([_command_problem(identity, role, request.command, strict_commands,
+                                        shell_text=request.shell),
                        _hosts_problem(identity, role, request)], f"role {name} allows exec")
-    # pty: the command runs through the remote login shell, so the filter applies to it too.
+    # pty: the command runs through the remote login shell, so the filter applies to it too; a
+    # role with shell gets its command there as shell text (carrier.ops.service.plan_pty_start).
     if not role.pty:
         return _no(f"role {name} may not start terminal jobs")
-    return _first([_command_problem(identity, role, request.command, strict_commands),
+    if request.shell and not role.shell:
+        return _no(f"role {name} may not use a shell")
+    return _first([_command_problem(identity, role, request.command, strict_commands,
+                                    shell_text=request.shell or role.shell),
                    _hosts_problem(identity, role, request)], f"role {name} allows pty jobs")
 
 

@@ -144,13 +144,18 @@ def test_job_ids_are_checked(config: Path, job_id: str) -> None:
 
 
 def test_exec_prints_each_host_and_exits_by_result(config: Path) -> None:
-    ok = cli(config, "exec", "web", "--", "sh", "-c", "echo hi from $(id -un)")
+    # sh is a shell: the operator (no shell) may not run it, even as an argv; the admin role may.
+    refused = cli(config, "exec", "web", "--", "sh", "-c", "echo hi from $(id -un)")
+    assert refused.exit_code == 1
+    assert "not allowed: role operator has no shell: sh is a shell (needs shell: true)" in refused.output
+    admin = _with_role(config, "admin")
+    ok = cli(admin, "exec", "web", "--", "sh", "-c", "echo hi from $(id -un)")
     assert ok.exit_code == 0, ok.output
     assert ok.output.count("hi from carrier-sbx") == 2
     assert "== web1: ok (rc 0)" in ok.output and "== web2: ok (rc 0)" in ok.output
     literal = cli(config, "exec", "db1", "--", "echo", "$(id)", ";", "ls")
     assert "$(id) ; ls" in literal.output  # an argv, not a shell line
-    failed = cli(config, "exec", "db1", "--", "sh", "-c", "echo bad >&2; exit 4")
+    failed = cli(admin, "exec", "db1", "--", "sh", "-c", "echo bad >&2; exit 4")
     assert failed.exit_code == 2
     assert "== db1: failed (rc 4)" in failed.output and "-- stderr:\nbad" in failed.output
     # The CLI is decided by the policy too: the local user's role (mcp.stdio_role, default

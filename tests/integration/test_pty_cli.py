@@ -28,7 +28,23 @@ def cli(sandbox: Sandbox, *args: str, timeout: float = 60) -> subprocess.Complet
 
 
 def _env(sandbox: Sandbox) -> dict[str, str]:
-    return {**os.environ, "CARRIER_CONFIG": str(sandbox.layout.config_file)}
+    return {**os.environ, "CARRIER_CONFIG": str(_admin_config(sandbox))}
+
+
+def _admin_config(sandbox: Sandbox) -> Path:
+    """The sandbox carrier.yml (same state) with the local user acting as admin: these jobs run
+    `sh -c`, which a role without shell may not (carrier.auth.policy)."""
+    from mail_support import write_secret
+    from ruamel.yaml import YAML
+
+    from carrier.sandbox.manager import dump_yaml
+
+    path = sandbox.layout.config_file.with_name("carrier-pty-admin.yml")
+    if not path.exists():
+        data = YAML(typ="safe").load(sandbox.layout.config_file.read_text())
+        data["mcp"] = {**data["mcp"], "stdio_role": "admin"}
+        write_secret(path, dump_yaml(data))
+    return path
 
 
 def test_start_input_screen_attach(sandbox: Sandbox) -> None:

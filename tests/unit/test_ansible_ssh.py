@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,14 @@ def test_only_ssh_hosts_get_an_ssh_argv(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- remote command
 
 
+def _probe(directory: Path) -> str:
+    """A program that prints the arguments it received as JSON."""
+    probe = directory / "probe"
+    probe.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    probe.chmod(0o755)
+    return str(probe)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -108,14 +117,41 @@ def test_only_ssh_hosts_get_an_ssh_argv(tmp_path: Path) -> None:
         ["ls", "-l", "--", "-rf /"],
     ],
 )
-def test_argv_reaches_the_program_unchanged_through_a_real_shell(argv: list[str]) -> None:
-    text = remote_command(argv, shell=False)
-    # The remote login shell runs `sh -c "<text>"`; here the words are handed to a probe program
-    # that prints what it received.
-    probe = "python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "
-    out = subprocess.run(["sh", "-c", probe + text], capture_output=True, text=True, check=True).stdout
+def test_argv_reaches_the_program_unchanged_through_a_real_shell(argv: list[str], tmp_path: Path) -> None:
+    # The remote login shell runs `sh -c "<text>"`; here the words go to a probe program that
+    # prints what it received.
+    text = remote_command([_probe(tmp_path), *argv], shell=False)
+    out = subprocess.run(["sh", "-c", text], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == argv
-    assert shlex.split(text) == argv
+    assert shlex.split(text)[2:] == argv
+
+
+@pytest.mark.parametrize(
+    "program",
+    ["coproc", "time", "eval", "trap", "FOO=1", "if", "!", "{"],
+)
+def test_the_first_word_is_always_one_program_on_path(program: str, tmp_path: Path) -> None:
+    """Keywords (``coproc``, ``time``), builtins (``eval``, ``trap``) and assignments (``FOO=1``)
+    as the first word would make the remote shell run a second program: the argv runs the program
+    of that name from PATH instead (here: a probe, so it can say it was called)."""
+    (tmp_path / "bin").mkdir()
+    named = tmp_path / "bin" / program
+    named.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(['ran', *sys.argv[1:]]))\n")
+    named.chmod(0o755)
+    marker = tmp_path / "pwned"
+    argv = [program, "touch", str(marker)]
+    text = remote_command(argv, shell=False)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    done = subprocess.run(["bash", "-c", text], capture_output=True, text=True, env=env, check=False)
+    assert json.loads(done.stdout) == ["ran", "touch", str(marker)], done
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("command", "shell"), [(["-c", "id"], False), (["-rf", "/"], False),
+                                                ("  -c id", True)])
+def test_a_first_word_that_is_an_option_is_refused(command: list[str] | str, shell: bool) -> None:
+    with pytest.raises(SshError, match="name the program first"):
+        remote_command(command, shell=shell)
 
 
 def test_argv_has_no_shell_features(tmp_path: Path) -> None:

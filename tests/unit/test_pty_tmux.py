@@ -73,7 +73,7 @@ def test_spec_checks() -> None:
     with pytest.raises(pty.PtyError, match="mode must be"):
         pty.PtySpec("j-aaaaaaaaaaaa", "web1", ("ls",), mode="screen")
     spec = pty.PtySpec("j-aaaaaaaaaaaa", "web1", ("echo", "a b", "$x"))
-    assert spec.text == "echo 'a b' '$x'"
+    assert spec.text == "exec 'echo' 'a b' '$x'"
 
 
 def test_signals() -> None:
