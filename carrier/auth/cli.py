@@ -216,7 +216,7 @@ def audit(config_path: Path | None, verify: bool, checkpoint: str | None, adopt_
                 point = read_checkpoint(trust.keyring, data, _carrier_signer(trust))
             report = trust.audit.verify(point)
             if report.ok:
-                against = f", holds the checkpoint at row {point.last_id} ({point.rows} rows)" if point else ""
+                against = f", holds the checkpoint at row {point.last_id}" if point else ""
                 click.echo(f"audit chain ok: {report.rows} rows{against}")
                 return
             for problem in report.problems:
