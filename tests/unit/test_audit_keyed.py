@@ -283,3 +283,29 @@ def test_no_checkpoint_of_a_broken_chain(store: Store, state_dir: Path) -> None:
     sql(state_dir, "UPDATE audit SET outcome = 'denied' WHERE id = 1")
     with pytest.raises(AuthError, match="no checkpoint is taken of a broken chain"):
         audit.head()
+
+
+def test_first_starts_at_once_make_one_key(tmp_path: Path, state_dir: Path) -> None:
+    """Processes starting together all end up with the same key (the link into place is exclusive)."""
+    import multiprocessing
+
+    path = tmp_path / "audit.key"
+    Store.open(state_dir).close()
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(6) as pool:
+        secrets = pool.starmap(_load_in_process, [(path, state_dir)] * 12)
+    assert len(set(secrets)) == 1 and bytes.fromhex(path.read_text()) == secrets[0]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "state"] == ["audit.key"]
+    with Store.open(state_dir) as store:
+        report = Audit(store, AuditKey(secrets[0])).verify()
+    assert report.ok and report.rows == 12, report.problems
+
+
+def _load_in_process(path: Path, state_dir: Path) -> bytes:
+    store = Store.open(state_dir)
+    try:
+        key, _ = load_audit_key(path, state_dir, store)
+        Audit(store, key, adopt=True).record("p", "system", "start")
+        return key.secret
+    finally:
+        store.close()
