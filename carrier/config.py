@@ -220,6 +220,9 @@ class AuthSettings:
     #: Lifetime of an MCP token when none is asked for, and the longest one issued.
     token_ttl: int = 2592000
     token_max_ttl: int = 31536000
+    #: The audit chain's HMAC key (mode 0600, outside the state directory); ``None`` means
+    #: ``audit.key`` beside carrier.yml. Made at first start when missing.
+    audit_key_file: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -924,6 +927,7 @@ _AUTH: Mapping[str, _F] = {
     "default_role": _F(_str, AuthSettings.default_role),
     "token_ttl": _F(_positive, AuthSettings.token_ttl),
     "token_max_ttl": _F(_positive, AuthSettings.token_max_ttl),
+    "audit_key_file": _F(_path),
 }
 
 

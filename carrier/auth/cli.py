@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from carrier.auth.audit import open_audit, read_checkpoint, sign_checkpoint
+from carrier.auth.errors import AuthError
 from carrier.auth.service import Trust
 from carrier.clikit import CliOps, config_option, friendly, open_ops
 from carrier.config import load_config, resolve_config_path
@@ -176,28 +178,70 @@ def token_revoke(config_path: Path | None, token_id: str) -> None:
 # --------------------------------------------------------------------------- audit
 
 
+def _carrier_signer(trust: Trust) -> str:
+    """Carrier's own OpenPGP key (the one its replies are signed with)."""
+    address = trust.config.default_account.address
+    fpr = trust.keyring.secret_fingerprint(address)
+    if fpr is None:
+        raise AuthError(f"no secret key for {address} in {trust.config.gnupg_home}: Carrier signs "
+                        "checkpoints with its own key", reason="setup")
+    return fpr
+
+
 @click.command()
 @config_option
 @click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 and name each broken row.")
+@click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Alone: write the current head, signed with Carrier's OpenPGP key, to FILE ('-' for "
+                   "stdout); keep it off this machine. With --verify: check FILE's signature and that "
+                   "the chain still holds that head.")
+@click.option("--adopt-key", is_flag=True,
+              help="Key an existing unkeyed chain with an audit key you put in place yourself.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--actor", default=None, help="Only rows of this actor.")
 @click.option("--action", default=None, help="Only rows of this action (e.g. enroll:approve).")
 @friendly
-def audit(config_path: Path | None, verify: bool, limit: int, actor: str | None, action: str | None) -> None:
-    """Show the newest audit rows, or --verify the whole chain."""
+def audit(config_path: Path | None, verify: bool, checkpoint: str | None, adopt_key: bool, limit: int,
+          actor: str | None, action: str | None) -> None:
+    """Show the newest audit rows, --verify the whole chain, or take a signed --checkpoint."""
     with _trust(config_path) as trust:
+        if adopt_key:
+            marker = open_audit(trust.config, trust.store, adopt=True).bind()
+            click.echo(f"audit chain keyed from row {marker.from_id} (key id {marker.key_id})")
+            return
         if verify:
-            report = trust.audit.verify()
+            point = None
+            if checkpoint is not None:
+                data = sys.stdin.buffer.read() if checkpoint == "-" else _read_file(Path(checkpoint))
+                point = read_checkpoint(trust.keyring, data, _carrier_signer(trust))
+            report = trust.audit.verify(point)
             if report.ok:
-                click.echo(f"audit chain ok: {report.rows} rows")
+                against = f", holds the checkpoint at row {point.last_id}" if point else ""
+                click.echo(f"audit chain ok: {report.rows} rows{against}")
                 return
             for problem in report.problems:
                 click.echo(problem)
             click.echo(f"audit chain BROKEN: {len(report.problems)} problem(s) in {report.rows} rows",
                        err=True)
             sys.exit(1)
+        if checkpoint is not None:
+            signed = sign_checkpoint(trust.keyring, trust.audit.head(), _carrier_signer(trust))
+            if checkpoint == "-":
+                sys.stdout.buffer.write(signed)
+                sys.stdout.flush()
+            else:
+                Path(checkpoint).write_bytes(signed)
+                click.echo(f"checkpoint written to {checkpoint}: keep a copy off this machine", err=True)
+            return
         rows = trust.store.list_audit(actor=actor, action=action, limit=limit)
     for r in reversed(rows):
         detail = " ".join(f"{k}={v}" for k, v in sorted(r.detail.items()))
         click.echo(f"{r.id}  {_when(r.ts)}  {r.door:<6}  {r.actor}  {r.action}  {r.target or '-'}  "
                    f"{r.outcome}  {detail}".rstrip())
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AuthError(f"cannot read {path}: {exc.strerror}", reason="setup") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cached_property
 
-from carrier.auth.audit import Audit
+from carrier.auth.audit import Audit, open_audit
 from carrier.auth.directory import Directory
 from carrier.auth.enrollment import Enrollment
 from carrier.auth.keyring import Keyring
@@ -45,7 +45,8 @@ class Trust:
 
     @cached_property
     def audit(self) -> Audit:
-        return Audit(self.store)
+        """The keyed audit trail; its key (outside the state directory) is made at first start."""
+        return open_audit(self.config, self.store)
 
     @cached_property
     def policy(self) -> Policy:

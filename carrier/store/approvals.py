@@ -1,6 +1,6 @@
 """SQL for two-person approvals: a job held until enough approvers other than its requester said yes.
 
-The tables come from schema migration 6. A job that needs approval is recorded ``queued`` with a
+The tables come from schema migration 7. A job that needs approval is recorded ``queued`` with a
 ``pending`` approval row in the same transaction; ``jobruns.claim_slot`` does not start it while the
 row is pending. Votes are one per approver (a second vote of the same person changes nothing). The
 state moves ``pending`` → ``approved`` | ``denied`` | ``expired`` exactly once (compare-and-set).

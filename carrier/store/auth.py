@@ -2,13 +2,14 @@
 
 Functions take the process's ``Store`` and run in ``store.transaction()`` (``BEGIN IMMEDIATE``), so
 each read-modify-write is atomic across threads and processes. The tables come from schema
-migration 2. What a hash covers and what a bucket means is decided in ``carrier.auth``; this module
+migrations 2 and 6. What a hash covers and what a bucket means is decided in ``carrier.auth``; this module
 only keeps the rows consistent.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ class ChainedAuditRow:
     detail_json: str  # as stored: the hash covers these exact characters
     prev_hash: str | None
     row_hash: str | None
+    scheme: str = "sha256"  # how row_hash was made (schema.AUDIT_SCHEMES)
 
     @property
     def detail(self) -> dict[str, Any]:
@@ -46,10 +48,31 @@ class AuditHead:
     last_id: int
     last_hash: str
     row_count: int
+    head_mac: str | None = None  # keyed MAC over the three fields above (None before the switch)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditKeyed:
+    """Where the chain switched to keyed hashes: rows with ``id >= from_id`` must be keyed."""
+
+    from_id: int
+    key_id: str
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditChain:
+    """One consistent snapshot of the audit table, its head and its switch marker."""
+
+    rows: list[ChainedAuditRow]
+    head: AuditHead | None
+    keyed: AuditKeyed | None
 
 
 #: (prev_hash, row without hashes) -> row_hash
 RowHasher = Callable[[str, ChainedAuditRow], str]
+#: (last_id, last_hash, row_count) -> head_mac
+HeadMac = Callable[[int, str, int], str]
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
@@ -66,10 +89,18 @@ def append_audit(
     target: str,
     outcome: str,
     detail: Mapping[str, Any],
+    scheme: str = "sha256",
+    head_mac: HeadMac | None = None,
 ) -> ChainedAuditRow:
-    """Insert an audit row chained to the head, move the head; all in one write transaction."""
+    """Insert an audit row chained to the head, move the head; all in one write transaction.
+
+    The head row is read and written inside the same ``BEGIN IMMEDIATE`` transaction, so writers
+    in any number of threads and processes extend one chain.
+    """
     if door not in schema.AUDIT_DOORS:
         raise ValueError(f"invalid door {door!r}: expected one of {', '.join(schema.AUDIT_DOORS)}")
+    if scheme not in schema.AUDIT_SCHEMES:
+        raise ValueError(f"invalid audit scheme {scheme!r}")
     for name, value in (("actor", actor), ("action", action), ("outcome", outcome)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string")
@@ -79,36 +110,90 @@ def append_audit(
         prev_hash, count = (head[0], int(head[1])) if head is not None else (GENESIS_HASH, 0)
         ts = store.clock()
         cur = conn.execute(
-            "INSERT INTO audit (ts, actor, door, action, target, outcome, detail, prev_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (ts, actor, door, action, target, outcome, detail_json, prev_hash),
+            "INSERT INTO audit (ts, actor, door, action, target, outcome, detail, prev_hash, scheme) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ts, actor, door, action, target, outcome, detail_json, prev_hash, scheme),
         )
         row_id = int(cur.lastrowid or 0)
         unhashed = ChainedAuditRow(row_id, ts, actor, door, action, target, outcome, detail_json,
-                                   prev_hash, None)
+                                   prev_hash, None, scheme)
         row_hash = hasher(prev_hash, unhashed)
+        mac = head_mac(row_id, row_hash, count + 1) if head_mac is not None else None
         conn.execute("UPDATE audit SET row_hash = ? WHERE id = ?", (row_hash, row_id))
         conn.execute(
-            "INSERT INTO audit_head (id, last_id, last_hash, row_count) VALUES (1, ?, ?, ?) "
+            "INSERT INTO audit_head (id, last_id, last_hash, row_count, head_mac) VALUES (1, ?, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET last_id = excluded.last_id, last_hash = excluded.last_hash, "
-            "row_count = excluded.row_count",
-            (row_id, row_hash, count + 1),
+            "row_count = excluded.row_count, head_mac = excluded.head_mac",
+            (row_id, row_hash, count + 1, mac),
         )
-    return ChainedAuditRow(row_id, ts, actor, door, action, target, outcome, detail_json, prev_hash, row_hash)
+    return ChainedAuditRow(row_id, ts, actor, door, action, target, outcome, detail_json, prev_hash, row_hash,
+                           scheme)
+
+
+def _keyed(conn: sqlite3.Connection) -> AuditKeyed | None:
+    row = conn.execute("SELECT from_id, key_id, mac FROM audit_keyed WHERE id = 1").fetchone()
+    return AuditKeyed(int(row[0]), row[1], row[2]) if row is not None else None
+
+
+def read_audit_keyed(store: Store) -> AuditKeyed | None:
+    """The switch marker, or None while the chain has never been keyed."""
+    with store.transaction() as conn:
+        return _keyed(conn)
+
+
+def bind_audit_key(
+    store: Store, key_id: str, marker_mac: Callable[[int], str], head_mac: HeadMac, *,
+    allow_existing_rows: bool,
+) -> AuditKeyed | None:
+    """The switch marker. When there is none it is made now, with a keyed MAC on the head (the
+    current one, or an empty head), if the table is empty or ``allow_existing_rows``; else None."""
+    with store.transaction() as conn:
+        found = _keyed(conn)
+        if found is not None:
+            return found
+        last = conn.execute(
+            "SELECT COALESCE(MAX(id), 0), (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence "
+            "WHERE name = 'audit') FROM audit"
+        ).fetchone()
+        if int(last[0]) and not allow_existing_rows:
+            return None
+        from_id = max(int(last[0]), int(last[1])) + 1  # AUTOINCREMENT: the next row's id is above both
+        marker = AuditKeyed(from_id, key_id, marker_mac(from_id))
+        conn.execute("INSERT INTO audit_keyed (id, from_id, key_id, mac, made_at) VALUES (1, ?, ?, ?, ?)",
+                     (marker.from_id, marker.key_id, marker.mac, store.clock()))
+        head = conn.execute("SELECT last_id, last_hash, row_count FROM audit_head WHERE id = 1").fetchone()
+        last_id, last_hash, count = (int(head[0]), head[1], int(head[2])) if head else (0, GENESIS_HASH, 0)
+        # From now on the head always carries a MAC: cutting every keyed row needs the key as well.
+        conn.execute(
+            "INSERT INTO audit_head (id, last_id, last_hash, row_count, head_mac) VALUES (1, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET head_mac = excluded.head_mac",
+            (last_id, last_hash, count, head_mac(last_id, last_hash, count)),
+        )
+        return marker
+
+
+def read_audit_state(store: Store) -> AuditChain:
+    """Every audit row (oldest first), the head and the switch marker, read in one transaction."""
+    with store.transaction() as conn:
+        rows = conn.execute(
+            "SELECT id, ts, actor, door, action, target, outcome, detail, prev_hash, row_hash, scheme "
+            "FROM audit ORDER BY id"
+        ).fetchall()
+        head = conn.execute(
+            "SELECT last_id, last_hash, row_count, head_mac FROM audit_head WHERE id = 1"
+        ).fetchone()
+        keyed = _keyed(conn)
+    chain = [
+        ChainedAuditRow(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10])
+        for r in rows
+    ]
+    return AuditChain(chain, AuditHead(int(head[0]), head[1], int(head[2]), head[3]) if head else None, keyed)
 
 
 def read_audit_chain(store: Store) -> tuple[list[ChainedAuditRow], AuditHead | None]:
     """Every audit row (oldest first) and the head, read in one transaction (a consistent snapshot)."""
-    with store.transaction() as conn:
-        rows = conn.execute(
-            "SELECT id, ts, actor, door, action, target, outcome, detail, prev_hash, row_hash "
-            "FROM audit ORDER BY id"
-        ).fetchall()
-        head = conn.execute("SELECT last_id, last_hash, row_count FROM audit_head WHERE id = 1").fetchone()
-    chain = [
-        ChainedAuditRow(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows
-    ]
-    return chain, (AuditHead(int(head[0]), head[1], int(head[2])) if head is not None else None)
+    state = read_audit_state(store)
+    return state.rows, state.head
 
 
 # --------------------------------------------------------------------------- rate limits

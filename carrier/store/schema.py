@@ -274,8 +274,36 @@ _V5 = Migration(
     ("ALTER TABLE outbox ADD COLUMN claimed_by TEXT",),
 )
 
+#: How an audit row's hash is made: ``sha256`` (unkeyed, rows written before migration 6) or
+#: ``hmac-sha256`` (keyed with the audit key kept outside the state directory).
+AUDIT_SCHEMES = ("sha256", "hmac-sha256")
+
 _V6 = Migration(
     6,
+    "audit: keyed (HMAC-SHA256) chain hashes, the switch point, a keyed head",
+    (
+        # Every row written before this migration keeps its unkeyed hash and says so: old rows are
+        # never rewritten; new rows are keyed (carrier.auth.audit).
+        f"ALTER TABLE audit ADD COLUMN scheme TEXT NOT NULL DEFAULT 'sha256' "
+        f"CHECK (scheme IN {_in(AUDIT_SCHEMES)})",
+        # A MAC over the head (last id, hash, count): cutting the newest rows needs the key too.
+        "ALTER TABLE audit_head ADD COLUMN head_mac TEXT CHECK (head_mac IS NULL OR length(head_mac) = 64)",
+        # Where the chain switched to keyed hashes, MACed with the key: an unkeyed row at or after
+        # ``from_id`` is a rewrite by someone without the key. ``key_id`` names the key (not secret).
+        """
+        CREATE TABLE audit_keyed (
+            id      INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+            from_id INTEGER NOT NULL CHECK (from_id >= 1),
+            key_id  TEXT NOT NULL,
+            mac     TEXT NOT NULL CHECK (length(mac) = 64),
+            made_at REAL NOT NULL
+        )
+        """,
+    ),
+)
+
+_V7 = Migration(
+    7,
     "approvals: jobs held until enough approvers other than the requester said yes (store/approvals.py)",
     (
         # One row per job that needs approval; the job stays 'queued' and is not claimed while its
@@ -312,7 +340,7 @@ _V6 = Migration(
 )
 
 #: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 
 #: The schema version this Carrier writes and understands.
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from carrier.auth.audit import Audit
+from carrier.auth.audit import Audit, AuditKey
 from carrier.auth.directory import Directory
 from carrier.auth.enrollment import Enrollment, nonce_hash
 from carrier.auth.errors import RateLimited, TokenError
@@ -29,6 +29,8 @@ from carrier.store.auth import read_audit_chain, remember_signature
 OPS = "89ABCDEF0123456789ABCDEF0123456789ABCDEF"
 ADMIN = "0123456789ABCDEF0123456789ABCDEF01234567"
 NEWBIE = "AAAABBBBCCCCDDDDEEEEFFFF0000111122223333"
+
+AUDIT_KEY = AuditKey(b"unit-test audit key, 32 bytes..")
 
 
 class FakeClock:
@@ -98,7 +100,7 @@ def fill(audit: Audit, n: int = 5) -> None:
 
 
 def test_audit_chain_verifies_and_links_rows(store: Store) -> None:
-    audit = Audit(store)
+    audit = Audit(store, AUDIT_KEY)
     fill(audit)
     report = audit.verify()
     assert report.ok and report.rows == 5
@@ -110,7 +112,7 @@ def test_audit_chain_verifies_and_links_rows(store: Store) -> None:
 
 
 def test_audit_empty_chain_is_ok(store: Store) -> None:
-    assert Audit(store).verify().ok
+    assert Audit(store, AUDIT_KEY).verify().ok
 
 
 @pytest.mark.parametrize(
@@ -128,7 +130,7 @@ def test_audit_empty_chain_is_ok(store: Store) -> None:
     ],
 )
 def test_audit_tampering_is_found(store: Store, state_dir: Path, sql: str, expected: str) -> None:
-    audit = Audit(store)
+    audit = Audit(store, AUDIT_KEY)
     fill(audit)
     with raw(state_dir) as conn:
         conn.execute(sql)
@@ -138,13 +140,11 @@ def test_audit_tampering_is_found(store: Store, state_dir: Path, sql: str, expec
 
 
 def test_audit_recomputed_row_still_breaks_the_next_link(store: Store, state_dir: Path) -> None:
-    from carrier.auth.audit import row_hash
-
-    audit = Audit(store)
+    audit = Audit(store, AUDIT_KEY)
     fill(audit)
     rows, _ = read_audit_chain(store)
     forged = rows[1].__class__(**{**{f: getattr(rows[1], f) for f in rows[1].__slots__}, "outcome": "denied"})
-    new_hash = row_hash(forged.prev_hash or "", forged)
+    new_hash = AUDIT_KEY.row_hash(forged.prev_hash or "", forged)  # even with the key
     with raw(state_dir) as conn:
         conn.execute("UPDATE audit SET outcome = 'denied', row_hash = ? WHERE id = 2", (new_hash,))
     problems = audit.verify().problems
@@ -152,7 +152,7 @@ def test_audit_recomputed_row_still_breaks_the_next_link(store: Store, state_dir
 
 
 def test_audit_appends_from_threads_keep_one_chain(store: Store) -> None:
-    audit = Audit(store)
+    audit = Audit(store, AUDIT_KEY)
 
     def work(n: int) -> None:
         for i in range(25):
@@ -168,7 +168,7 @@ def test_audit_appends_from_threads_keep_one_chain(store: Store) -> None:
 
 
 def test_audit_decision_row(store: Store) -> None:
-    audit = Audit(store)
+    audit = Audit(store, AUDIT_KEY)
     who = Identity("ops@example.test", "operator", "mcp", token_id="t-aaaaaaaaaaaa")
     request = Request("exec", (HostRef("web1"),), command="uptime")
     row = audit.decision(who, request, decide(who, request, {}))
@@ -339,7 +339,7 @@ def verified_request(store: Store, email: str = "newbie@example.test", fpr: str 
 
 
 def local(config: Config, store: Store) -> Enrollment:
-    return Enrollment(config, store, directory=Directory(config, store), audit=Audit(store))
+    return Enrollment(config, store, directory=Directory(config, store), audit=Audit(store, AUDIT_KEY))
 
 
 def test_cli_approve_enrolls_with_the_default_or_named_role(config: Config, store: Store) -> None:
@@ -354,7 +354,7 @@ def test_cli_approve_enrolls_with_the_default_or_named_role(config: Config, stor
     again = enrollment.approve(rid, by="cli:root", door="cli", role="admin")
     assert again.status == "repeated" and "already approved (role viewer" in again.reply
     assert enrollment.deny(rid, by="cli:root", door="cli").status == "repeated"
-    assert Audit(store).verify().ok
+    assert Audit(store, AUDIT_KEY).verify().ok
 
 
 def test_approve_refuses_unknown_roles_and_unconfirmed_requests(config: Config, store: Store) -> None:
@@ -423,7 +423,7 @@ def test_expire_stale_challenges(config: Config, store: Store, clock: FakeClock)
 
 
 def test_job_start_and_end_are_chained_audit_rows(store: Store) -> None:
-    audit = Audit(store)
+    audit = Audit(store, AUDIT_KEY)
     who = Identity("ops@example.test", "operator", "mail", fingerprint=OPS)
     audit.job(who, "j-aaaaaaaaaaaa", "start", hosts=["web1", "web2"], detail={"kind": "exec"})
     audit.job(who, "j-aaaaaaaaaaaa", "end", hosts=["web1", "web2"], outcome="failed", detail={"rc": 2})

@@ -471,9 +471,11 @@ def test_enrollment_compare_and_set(store: Store) -> None:
 
 def test_audit_rows(store: Store, clock: FakeClock) -> None:
     """Rows are written only through the chained writer (carrier.auth.audit); list_audit reads them."""
-    from carrier.auth.audit import Audit
+    from carrier.auth.audit import Audit, AuditKey
 
-    audit = Audit(store)
+    AUDIT_KEY = AuditKey(b"unit-test audit key, 32 bytes..")
+
+    audit = Audit(store, AUDIT_KEY)
     first = audit.record("alice@example.org", "mail", "run", target="web", detail={"playbook": "x"}).id
     clock.now += 1
     second = audit.record("t-abc", "mcp", "ssh_exec", target="db1", outcome="denied").id
