@@ -38,8 +38,8 @@ def _playbooks(directory: Path) -> Path:
     books = directory / "playbooks"
     shutil.copytree(REPO / "playbooks", books)
     meta = books / "service_restart.meta.yml"
-    meta.write_text(meta.read_text().replace("admin_only: true",
-                                             "admin_only: false\napproval: {by: admin, count: 1, expires: 600}"))
+    gated = "admin_only: false\napproval: {by: admin, count: 1, expires: 600}"
+    meta.write_text(meta.read_text().replace("admin_only: true", gated))
     shutil.copy(books / "ping.yml", books / "ping_gate.yml")
     (books / "ping_gate.meta.yml").write_text("description: ping, approved first\n"
                                               "approval: {by: admin, count: 1, expires: 10}\n")
@@ -57,7 +57,8 @@ def _reply(sandbox: Sandbox, who: str, tag: str, count: int, needle: str) -> str
 def _job(state: Path, job_id: str) -> dict[str, Any]:
     (row,) = db_rows(state, "SELECT status, started_at, message FROM jobs WHERE id = ?", (job_id,))
     held = db_rows(state, "SELECT state FROM approvals WHERE job_id = ?", (job_id,))
-    return {"status": row[0], "started_at": row[1], "message": row[2], "approval": held[0][0] if held else None}
+    return {"status": row[0], "started_at": row[1], "message": row[2],
+            "approval": held[0][0] if held else None}
 
 
 def _wait_status(state: Path, job_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict[str, Any]:
