@@ -87,7 +87,8 @@ def test_future_schema_version_is_refused(state_dir: Path) -> None:
     Store.open(state_dir).close()
     with raw(state_dir) as conn:
         conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (LATEST_VERSION + 1,))
-    expected = rf"schema version {LATEST_VERSION + 1} but this Carrier knows {LATEST_VERSION}: upgrade Carrier"
+    future = LATEST_VERSION + 1
+    expected = rf"schema version {future} but this Carrier knows {LATEST_VERSION}: upgrade Carrier"
     with pytest.raises(StoreError, match=expected):
         Store.open(state_dir)
 
