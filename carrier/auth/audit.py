@@ -10,7 +10,7 @@ an unkeyed row after it is a rewrite. The head (newest id, hash, row count) carr
 ``verify()`` recomputes the chain: an edited, deleted or inserted row is reported by id. Someone who
 can write the database but cannot read the key cannot recompute it. Someone who holds the key can:
 against them only a signed checkpoint kept off the machine helps (``Checkpoint``,
-``carrier audit --checkpoint``). See docs/security-audit.md.
+``carrier audit --checkpoint``). See docs/security.md.
 
 Rows are written only through ``Audit.record``: the store has no unchained writer.
 """
