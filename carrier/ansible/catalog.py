@@ -10,10 +10,11 @@ Its catalog entry is the sidecar ``NAME.meta.yml`` beside it (like an AWX survey
                                  # a role with `local: true` may run it. Without it, such a
                                  # playbook is refused (carrier.ansible.controller finds them).
     default_limit: all           # the host pattern used when the request names none
-    approval: {by: admin, count: 1, expires: 3600}
+    approval: {by: admin, count: 1, expires: 3600, preview: true}
                                  # a run waits until `count` people of role `by`, none of them the
                                  # requester, approve it by signed mail (`approve <job>`); it is
-                                 # cancelled after `expires` seconds without (see docs/approvals.md)
+                                 # cancelled after `expires` seconds without; `preview`: a check-mode
+                                 # --diff run's recap goes to the approvers (see docs/approvals.md)
     vars:
       path: {type: str, default: /, pattern: '^/[A-Za-z0-9_./-]*$', description: mount point}
       warn_percent: {type: int, default: 90, min: 1, max: 100}
@@ -92,9 +93,12 @@ class ApprovalRule:
     by: str
     count: int = 1
     expires: int = 3600
+    #: Run the playbook in check mode with --diff first and show its recap to the approvers (for
+    #: playbooks whose tasks support check mode).
+    preview: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"by": self.by, "count": self.count, "expires": self.expires}
+        return {"by": self.by, "count": self.count, "expires": self.expires, "preview": self.preview}
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +238,8 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
 def _approval(meta: Path, raw: Any) -> ApprovalRule | None:
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or set(raw) - {"by", "count", "expires"} or "by" not in raw:
-        raise _fail(meta, "approval must be a mapping {by: ROLE, count: N, expires: SECONDS}")
+    if not isinstance(raw, Mapping) or set(raw) - {"by", "count", "expires", "preview"} or "by" not in raw:
+        raise _fail(meta, "approval must be a mapping {by: ROLE, count: N, expires: SECONDS, preview: BOOL}")
     by = raw["by"]
     if not isinstance(by, str) or not ROLE_NAME_RE.fullmatch(by):
         raise _fail(meta, f"approval.by must be a role name, not {str(by)[:40]!r}")
@@ -244,7 +248,10 @@ def _approval(meta: Path, raw: Any) -> ApprovalRule | None:
         raise _fail(meta, "approval.count must be a whole number from 1 to 10")
     if isinstance(expires, bool) or not isinstance(expires, int) or not 10 <= expires <= 30 * 86400:
         raise _fail(meta, "approval.expires must be seconds, from 10 to 2592000 (30 days)")
-    return ApprovalRule(by, count, expires)
+    preview = raw.get("preview", False)
+    if not isinstance(preview, bool):
+        raise _fail(meta, "approval.preview must be true or false")
+    return ApprovalRule(by, count, expires, preview)
 
 
 # --------------------------------------------------------------------------- extra vars

@@ -737,6 +737,10 @@ def key_hash(key: str) -> str:
 # --------------------------------------------------------------------------- result mails
 
 
+#: How long an approval request waits for its check-mode preview run to end.
+PREVIEW_WAIT = 180.0
+
+
 class Notifier:
     """Queues the result mail of each job started by mail (and progress mails while it runs)."""
 
@@ -804,6 +808,9 @@ class Notifier:
         queued = 0
         for held, addresses in door.ops.approval_requests():
             view = door.jobs.manager.get(held.job_id)
+            preview = self._preview(held)
+            if preview is None:
+                continue  # its check-mode run is still going: ask once it has a recap
             until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(held.expires_at))
             subject = f"Approval needed: {held.summary} (job {held.job_id})"
             text = (f"{held.requester} asks to run {held.summary} (job {held.job_id}). It waits for "
@@ -811,9 +818,13 @@ class Notifier:
                     f"then it is cancelled.\n\nTo approve, reply with a mail signed with your enrolled key "
                     f"whose text is\n\n    approve {held.job_id}\n\nTo refuse it:\n\n"
                     f"    deny {held.job_id} <reason>")
+            sections = [Section("", "ok", text, block=job_text(view))]
+            if preview:
+                sections.append(Section("", "ok", "What it would change: the same run in check mode "
+                                        "with --diff (nothing was changed)", block=preview))
             mails = []
             for to in addresses:
-                body = replies.render_sections([Section("", "ok", text, block=job_text(view))])
+                body = replies.render_sections(sections)
                 msg_id = f"<approval.{held.job_id}.{key_hash(to)}@{domain}>"
                 thread = Thread(to, subject, None, ())
                 mails.append((to, *door._mail(account, thread, body, message_id=msg_id)))
@@ -827,6 +838,21 @@ class Notifier:
                             held.job_id, held.by_role, extra={"job": held.job_id})
             queued += len(mails)
         return queued
+
+    def _preview(self, held: approvals.ApprovalRecord) -> str | None:
+        """The preview run's recap and diff for the approval request; "" without a preview; None
+        while it still runs (for at most ``PREVIEW_WAIT`` s, then the request goes without it)."""
+        if held.preview_job is None:
+            return ""
+        manager = self.door.jobs.manager
+        view = manager.get(held.preview_job)
+        if not view.done:
+            if self.door.store.clock() - held.created_at < PREVIEW_WAIT:
+                return None
+            return f"(the check-mode run {view.id} did not end within {PREVIEW_WAIT:.0f} s)"
+        events, _ = manager.output(view.id, 0, 10_000)
+        lines = replies.job_log(events).splitlines()
+        return job_text(view) + "\n\n" + "\n".join(lines[-80:])
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -298,10 +298,19 @@ class Ops:
         def submit() -> JobView:
             view = manager.run_playbook(info.name, owner=who.name, door=who.door, **options)
             if rule is not None and not view.done:
+                preview = None
+                if rule.preview and not check:
+                    # What the run would change, for the approvers: the same run in check mode
+                    # (decided with it: check mode changes nothing the run itself may not).
+                    preview = manager.run_playbook(info.name, owner=who.name, door=who.door,
+                                                   **{**options, "check": True, "diff": True})
+                    self.audit.job(who, preview.id, "start", hosts=preview.hosts, outcome="accepted",
+                                   detail={"playbook": info.name, "limit": pattern, "preview_of": view.id})
                 # In the job's own transaction: the job is never claimable before it is held.
                 approvals.create(self.store, view.id, requester=who.name, by_role=rule.by, needed=rule.count,
                                  ttl=rule.expires, summary=f"playbook {info.name} on {names}"
-                                 + (" (check mode)" if check else ""))
+                                 + (" (check mode)" if check else ""),
+                                 preview_job=preview.id if preview is not None else None)
                 view = manager.get(view.id)
             return view
 

@@ -178,6 +178,9 @@ def build_config(
             "admin": {"playbooks": ["*"], "hosts": "all", "exec": True, "shell": True, "pty": True},
         },
         "keyserver": {"url": f"http://{LOOPBACK}:{ports.keyserver}"},
+        # Named, not left to its default beside carrier.yml: a copy of this file elsewhere (as
+        # the tests make) then keys the same chain with the same key.
+        "auth": {"audit_key_file": str(layout.root / "audit.key")},
         # No `limits`: Carrier's documented defaults apply.
     }
 

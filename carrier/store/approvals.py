@@ -40,6 +40,8 @@ class ApprovalRecord:
     created_at: float
     expires_at: float
     decided_at: float | None
+    #: The check-mode run made for the approvers to look at, if the catalog asked for one.
+    preview_job: str | None = None
     votes: tuple[VoteRecord, ...] = ()
 
     @property
@@ -52,20 +54,22 @@ def _record(row: Any, votes: Sequence[VoteRecord]) -> ApprovalRecord:
         job_id=row["job_id"], requester=row["requester"], by_role=row["by_role"], needed=row["needed"],
         state=row["state"], summary=row["summary"], reason=row["reason"], notified_at=row["notified_at"],
         created_at=row["created_at"], expires_at=row["expires_at"], decided_at=row["decided_at"],
-        votes=tuple(votes),
+        preview_job=row["preview_job"], votes=tuple(votes),
     )
 
 
 def create(store: Store, job_id: str, *, requester: str, by_role: str, needed: int, ttl: float,
-           summary: str) -> ApprovalRecord:
+           summary: str, preview_job: str | None = None) -> ApprovalRecord:
     """Hold ``job_id`` for approval (call it in the transaction that records the job)."""
     check_job_id(job_id)
+    if preview_job is not None:
+        check_job_id(preview_job)
     now = store.clock()
     with store.transaction() as conn:
         conn.execute(
-            "INSERT INTO approvals (job_id, requester, by_role, needed, summary, created_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job_id, requester, by_role, max(1, int(needed)), summary, now, now + ttl),
+            "INSERT INTO approvals (job_id, requester, by_role, needed, summary, created_at, expires_at, "
+            "preview_job) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, requester, by_role, max(1, int(needed)), summary, now, now + ttl, preview_job),
         )
     got = get(store, job_id)
     assert got is not None

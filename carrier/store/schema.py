@@ -321,7 +321,9 @@ _V7 = Migration(
             notified_at REAL,
             created_at  REAL NOT NULL,
             expires_at  REAL NOT NULL,
-            decided_at  REAL
+            decided_at  REAL,
+            -- the check-mode (--check --diff) run whose recap goes into the approval request
+            preview_job TEXT
         ) WITHOUT ROWID
         """,
         "CREATE INDEX approvals_by_state ON approvals (state, expires_at)",

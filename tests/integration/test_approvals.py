@@ -33,12 +33,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _playbooks(directory: Path) -> Path:
-    """The bundled playbooks, with service_restart open to operators behind an admin's approval,
-    and `ping_gate`: ping behind an approval that expires after 10 s."""
+    """The bundled playbooks, with service_restart open to operators behind an admin's approval
+    (with a check-mode preview for the approvers), and `ping_gate`: ping behind an approval that expires after 10 s."""
     books = directory / "playbooks"
     shutil.copytree(REPO / "playbooks", books)
     meta = books / "service_restart.meta.yml"
-    gated = "admin_only: false\napproval: {by: admin, count: 1, expires: 600}"
+    gated = "admin_only: false\napproval: {by: admin, count: 1, expires: 600, preview: true}"
     meta.write_text(meta.read_text().replace("admin_only: true", gated))
     shutil.copy(books / "ping.yml", books / "ping_gate.yml")
     (books / "ping_gate.meta.yml").write_text("description: ping, approved first\n"
@@ -86,7 +86,8 @@ def test_a_run_waits_for_another_persons_signed_approval(sandbox: Sandbox, tmp_p
         state = directory / "state"
         ops, admin = people["ops"], people["admin"]
         tag = token("approval")
-        send_signed(sandbox, ops, "run service_restart on web1 check service=ssh use_become=false", tag)
+        # No such unit: the run (and its check-mode preview) fail on web1 and change nothing there.
+        send_signed(sandbox, ops, "run service_restart on web1 service=carrier-no-such-unit use_become=false", tag)
         accepted = _reply(sandbox, "ops", tag, 1, "waits for approval")
         match = _JOB.search(accepted)
         assert match, accepted
@@ -100,6 +101,13 @@ def test_a_run_waits_for_another_persons_signed_approval(sandbox: Sandbox, tmp_p
         asked_text = text_of(asked)
         assert "ops@example.test asks to run playbook service_restart on web1" in asked_text
         assert f"approve {job_id}" in asked_text and f"deny {job_id}" in asked_text
+        # ... and what it would change: the same run in check mode, its recap for web1.
+        assert "What it would change" in asked_text and "recap" in asked_text, asked_text
+        previews = db_rows(state, "SELECT preview_job FROM approvals WHERE job_id = ?", (job_id,))
+        (preview_id,) = previews[0]
+        assert preview_id and preview_id in asked_text
+        (spec,) = db_rows(state, "SELECT spec FROM jobs WHERE id = ?", (preview_id,))[0]
+        assert json.loads(spec)["check"] is True and json.loads(spec)["diff"] is True
         assert not replies_for(sandbox, "ops", job_id)  # the requester is not an approver
 
         # The requester approving their own run: refused, nothing changes.

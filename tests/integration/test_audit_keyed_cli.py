@@ -72,6 +72,7 @@ def site(sandbox: Sandbox) -> Iterator[Site]:
     gnupg = copy_home(sandbox.layout.gnupg_home("carrier"), directory, "gnupg")
     data = YAML(typ="safe").load(sandbox.layout.config_file.read_text())
     data.update(state_dir=str(state), gnupg_home=str(gnupg))
+    data.pop("auth", None)  # the default key location: audit.key beside this carrier.yml
     config = write_secret(directory / "carrier.yml", dump_yaml(data))
     try:
         yield Site(directory, config, state, gnupg)
