@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _playbooks(directory: Path) -> Path:
     """The bundled playbooks, with service_restart open to operators behind an admin's approval
-    (with a check-mode preview for the approvers), and `ping_gate`: ping behind an approval that expires after 10 s."""
+    (with a check-mode preview for the approvers), and `ping_gate`: ping behind an approval that
+    expires after 10 s."""
     books = directory / "playbooks"
     shutil.copytree(REPO / "playbooks", books)
     meta = books / "service_restart.meta.yml"
@@ -87,7 +88,8 @@ def test_a_run_waits_for_another_persons_signed_approval(sandbox: Sandbox, tmp_p
         ops, admin = people["ops"], people["admin"]
         tag = token("approval")
         # No such unit: the run (and its check-mode preview) fail on web1 and change nothing there.
-        send_signed(sandbox, ops, "run service_restart on web1 service=carrier-no-such-unit use_become=false", tag)
+        request = "run service_restart on web1 service=carrier-no-such-unit use_become=false"
+        send_signed(sandbox, ops, request, tag)
         accepted = _reply(sandbox, "ops", tag, 1, "waits for approval")
         match = _JOB.search(accepted)
         assert match, accepted
