@@ -162,6 +162,8 @@ class Role:
     #: May target the Carrier controller itself: inventory hosts with ``connection: local`` or an
     #: address of this machine, and catalog playbooks marked ``controller: true``. Off by default.
     local: bool = False
+    #: May add, list and remove its own schedules (admins always may).
+    schedules: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -826,6 +828,7 @@ _ROLE: Mapping[str, _F] = {
     "modules": _F(_list(_str), ()),
     "mail": _F(_list(_str), ()),
     "local": _F(_bool, False),
+    "schedules": _F(_bool, False),
 }
 
 
