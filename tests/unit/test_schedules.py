@@ -230,7 +230,8 @@ def test_schedules_are_for_admins_by_default() -> None:
 def test_a_role_with_schedules_manages_its_own_and_runs_only_what_it_may() -> None:
     me = _who("scheduler")
     assert decide(me, Request("schedule", (WEB1,), playbook="ping"), ROLES).allowed
-    assert "may not run playbook facts" in decide(me, Request("schedule", (WEB1,), playbook="facts"), ROLES).reason
+    facts = decide(me, Request("schedule", (WEB1,), playbook="facts"), ROLES)
+    assert "may not run playbook facts" in facts.reason
     assert "may not target db1" in decide(me, Request("schedule", (DB1,), playbook="ping"), ROLES).reason
     assert decide(me, Request("schedule", job_owner="ops@example.test"), ROLES).allowed
     assert "someone else" in decide(me, Request("schedule", job_owner="x@example.test"), ROLES).reason
