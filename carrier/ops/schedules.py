@@ -120,6 +120,19 @@ def due(cron: str, checked_at: float, now: float, *, grace: float = GRACE_SECOND
 # --------------------------------------------------------------------------- add / list / remove
 
 
+def identity_now(ops: Ops, owner: str, door: str, directory: Any = None) -> Identity | None:
+    """Who ``owner`` is now: the local user (``mcp.stdio_role``, a local admin, as its doors act), or
+    the enrolled identity of a mail address (carrier.yml users and admins, approved enrollments);
+    None when the owner is not enrolled (any more)."""
+    if owner.startswith("local:"):
+        return Identity(name=owner, role=local_role(ops.config), door=door, admin=True, local=True)
+    directory = directory or getattr(ops.trust, "directory", None)
+    if directory is None:
+        return None
+    found: Identity | None = directory.identity(owner, door=door)
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class ScheduleView:
     """A schedule as the doors show it."""
@@ -166,6 +179,11 @@ class ScheduleOps:
             validate_extra_vars(info, extra_vars)
         except CarrierError as exc:
             raise ops.refuse(who, request, str(exc)) from None
+        if identity_now(ops, who.name, who.door) is None:
+            # A schedule runs as its owner's enrolled identity at every firing: a token's owner who is
+            # not enrolled would only ever be refused.
+            raise ops.refuse(who, request, f"{who.name} is not enrolled: a schedule runs as its owner's "
+                             "enrolled identity, so only an enrolled user (or the local user) can own one")
         pattern = limit or info.default_limit or "all"
         hosts = ops._hosts(who, request, pattern)
         ops.decide(who, Request("schedule", hosts, playbook=info.name, tool=tool, admin_only=info.admin_only,
@@ -248,16 +266,7 @@ class Scheduler:
 
     def owner_identity(self, record: ScheduleRecord) -> Identity | None:
         """The identity the schedule's owner has now (None: no longer enrolled)."""
-        config = self.ops.config
-        if record.owner.startswith("local:"):
-            # The local user's doors act with mcp.stdio_role as a local admin (carrier.ops.identity).
-            return Identity(name=record.owner, role=local_role(config), door=record.door, admin=True,
-                            local=True)
-        directory = self.directory or getattr(self.ops.trust, "directory", None)
-        if directory is None:
-            return None
-        found: Identity | None = directory.identity(record.owner, door=record.door)
-        return found
+        return identity_now(self.ops, record.owner, record.door, self.directory)
 
     # ----------------------------------------------------------------- one check
 

@@ -226,6 +226,8 @@ def test_a_mail_owner_gets_the_result_and_loses_the_schedule_with_the_role(
     issued = carrier(serve.config, "token", "issue", address("ops"), "--role", "operator", "--ttl", "3600")
     assert issued.returncode == 0, issued.stderr
     bearer = issued.stdout.strip()
+    stranger = carrier(serve.config, "token", "issue", "stranger@tokens.test", "--role", "operator")
+    assert stranger.returncode == 0, stranger.stderr
     serve.start()
     url = f"https://127.0.0.1:{_mcp(sandbox)['port']}/mcp"
     name = token("sch")
@@ -237,6 +239,11 @@ def test_a_mail_owner_gets_the_result_and_loses_the_schedule_with_the_role(
             bad = error_of(await client.call_tool("schedule_add", {
                 "name": "bad", "playbook": "ping", "cron": "61 * * * *"}))
             listed = data_of(await client.call_tool("schedule_list", {}))
+        async with mcp_client(url, stranger.stdout.strip(), sandbox.layout.tls_cert) as client:
+            # A token's owner who is not enrolled could never be run as: refused when adding.
+            unenrolled = error_of(await client.call_tool("schedule_add", {
+                "name": "stray", "playbook": "ping", "cron": "@daily"}))
+            assert "stranger@tokens.test is not enrolled" in unenrolled
             return made, bad, listed
 
     made, bad, listed = anyio.run(add)
