@@ -259,9 +259,15 @@ def test_a_mail_owner_gets_the_result_and_loses_the_schedule_with_the_role(
     # ops@ is now a viewer (carrier.yml), without schedules: the next slot is refused and audited.
     users = YAML(typ="safe").load(serve.config.read_text())["users"]
     users[0]["role"] = "viewer"
+    time.sleep(12)  # down for more than two slots: the older ones are missed, reported to ops@
     demoted = Serve(with_changes(serve.config, "demoted.yml", users=users)).start()
     try:
         wait_runs(state, name, 1, what="refused")
+        wait_runs(state, name, 1, what="missed")
+        missed = wait_replies(sandbox, "ops", f"schedule {name}: missed runs", 1)[0]
+        assert "Missed slots are reported, not run." in text_of(missed)
+        refusal = wait_replies(sandbox, "ops", f"schedule {name}: refused", 1)[0]
+        assert "role viewer may not use schedules" in text_of(refusal)
     finally:
         demoted.stop()
     refused = [r for r in runs(state, name) if r["state"] == "refused"]
