@@ -21,6 +21,7 @@ seconds, or ``@hourly``/``@daily``/...; times are UTC.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import socket
 import threading
@@ -243,8 +244,6 @@ def owner_address(owner: str) -> str | None:
 
 
 def _when(ts: float) -> str:
-    import datetime as _dt
-
     return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
