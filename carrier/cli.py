@@ -32,6 +32,7 @@ class _LazyGroup(click.Group):
         "mcp": "carrier.mcp.cli:mcp",
         "cert": "carrier.mcp.cli:cert",
         "remote": "carrier.mcp.cli:remote",
+        "schedule": "carrier.schedule_cli:schedule_group",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -179,6 +179,8 @@ class Role:
     #: ``commands:`` entries such as ``systemctl status *``. None (no ``commands:``): any program
     #: except interpreters and launchers when ``shell`` is false (see carrier.auth.policy).
     commands: tuple[tuple[str, ...], ...] | None = None
+    #: May add, list and remove its own schedules (admins always may).
+    schedules: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -879,6 +881,7 @@ _ROLE: Mapping[str, _F] = {
     "mail": _F(_list(_str), ()),
     "local": _F(_bool, False),
     "commands": _F(_list(_command_rule), None),
+    "schedules": _F(_bool, False),
 }
 
 

@@ -30,6 +30,7 @@ TAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 FINGERPRINT_RE = re.compile(r"[0-9A-Fa-f]{40}")
 ROLE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SCHEDULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class FormatError(ValueError):
@@ -58,6 +59,14 @@ def check_enrollment_id(value: object) -> str:
 
 def check_token_id(value: object) -> str:
     return _check_id(value, TOKEN_ID_RE, "token id", "t")
+
+
+def check_schedule_name(value: object) -> str:
+    """``value`` if it is a well-formed schedule name (letters, digits, ``_.-``; at most 64)."""
+    if not isinstance(value, str) or SCHEDULE_NAME_RE.fullmatch(value) is None:
+        raise FormatError(f"invalid schedule name {_shown(value)}: use letters, digits, _ . - "
+                          "(at most 64, starting with a letter or digit)")
+    return value
 
 
 def is_job_id(value: object) -> bool:

@@ -124,12 +124,27 @@ class _Doors:
             self.threads.append(thread)
         for account in command_accounts(config):
             self.listeners.append(Listener(self.door, account, self.inner_stop).start())
-        self._wake = (outbox.wake, notifier.wake)
+        self._start_scheduler(config, store)
+        self._wake = (outbox.wake, notifier.wake, *self._wake)
         if config.mcp.tls_cert is not None:
             self._start_http(config, store)
         else:
             log.warning("mcp http door off: no mcp.tls_cert configured (make one with `carrier cert`)")
         return self
+
+    def _start_scheduler(self, config: Config, store: Store) -> None:
+        """Run due schedules as their owners (carrier.ops.schedules), with the email door's mail."""
+        from carrier.mail.schedule_mail import DoorScheduleMail
+        from carrier.ops.runtime import Services
+        from carrier.ops.schedules import Scheduler
+
+        ops = Services(config, store=store, trust=self.trust, jobs=self.jobs).ops
+        scheduler = Scheduler(ops, mail=DoorScheduleMail(self.door), node=self.door.owner)
+        thread = threading.Thread(target=scheduler.run, args=(self.inner_stop,), name="carrier-scheduler",
+                                  daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        self._wake = (scheduler.wake,)
 
     def _start_http(self, config: Config, store: Store) -> None:
         """Start the MCP HTTP door now, or keep trying in the background while the email door runs."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Literal, get_args
 
@@ -42,6 +42,7 @@ Action = Literal[
     "enroll",  # (re-)start one's own enrollment
     "admin",  # approve/deny/revoke enrollments, tokens of others
     "approve",  # approve or deny a job that waits for approval (a signed mail of another person)
+    "schedule",  # add/list/remove schedules; each firing of one, as its owner
 ]
 ACTIONS: tuple[str, ...] = get_args(Action)
 TOOL_GROUPS = ("run", "jobs", "mail")
@@ -53,7 +54,7 @@ SCOPE_OF_ACTION: Mapping[str, str | None] = {
     "playbook": "run", "adhoc": "run", "exec": "run", "pty": "run", "pty_input": "run",
     "ssh_control": "run", "inventory": "run",
     "job_read": "jobs", "job_control": "jobs", "job_list": "jobs",
-    "mail": "mail",
+    "mail": "mail", "schedule": "run",
     "token": None, "enroll": None, "admin": None, "approve": None,
 }
 #: What the strict command filter refuses when a role has no shell (the previous system missed ``&``).
@@ -415,6 +416,16 @@ def decide(
         if request.job_owner == identity.name or identity.admin:
             return Decision(True, "own job" if request.job_owner == identity.name else "admin")
         return _no("the job belongs to someone else")
+    if action == "schedule":
+        # Admins, and roles with `schedules: true` for their own; a playbook named is the run the
+        # schedule makes, decided like running it now (add, and again at every firing).
+        if not (identity.admin or role.schedules):
+            return _no(f"role {name} may not use schedules (admins may; or `schedules: true` on the role)")
+        if request.job_owner not in (None, identity.name) and not identity.admin:
+            return _no("the schedule belongs to someone else")
+        if request.playbook is None:
+            return Decision(True, "admin" if identity.admin else f"role {name} allows schedules")
+        return decide(identity, replace(request, action="playbook"), roles, strict_commands=strict_commands)
     if action == "mail":
         tool = request.tool or ""
         if tool and identity.local:

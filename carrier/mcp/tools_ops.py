@@ -1,6 +1,6 @@
 """The operations tools: ``inventory_hosts``, ``playbook_list``, ``playbook_run``, ``ssh_exec``,
-``ssh_list``, ``ssh_disconnect`` and the ``job_*`` tools: each a few lines over one call of the
-operations layer (:mod:`carrier.ops`), which decides, audits and runs.
+``ssh_list``, ``ssh_disconnect``, the ``job_*`` and the ``schedule_*`` tools: each a few lines over
+one call of the operations layer (:mod:`carrier.ops`), which decides, audits and runs.
 
 The caller is the HTTP door's authenticated identity (its token's), or the local user over stdio.
 Results are JSON objects with stable field names. Outputs are bounded by ``max_bytes`` and carry a
@@ -25,6 +25,7 @@ from carrier.mcp.tooling import tool_errors
 from carrier.ops import JOB_KINDS, JOB_STATUSES, Ops, OpsError, Services
 from carrier.ops.identity import local_identity
 from carrier.ops.pages import clip_text, json_size
+from carrier.ops.schedules import ScheduleOps
 
 #: Where the HTTP door puts the caller's identity in the ASGI scope (see carrier.mcp.http).
 IDENTITY_SCOPE_KEY = "carrier.identity"
@@ -281,6 +282,44 @@ def register(server: MCPServer, context: ServerContext) -> None:
         """Jobs newest first: yours (an admin sees everyone's)."""
         views = ops().list_jobs(caller(ctx, config), status=status, kind=kind, limit=limit, tool="job_list")
         return {"jobs": [_job_brief(v) for v in views]}
+
+    @server.tool(name="schedule_list", annotations=READ_ONLY)
+    @tool_errors
+    def schedule_list(ctx: Context) -> dict[str, Any]:
+        """Schedules (yours; an admin sees everyone's): cron, playbook, limit, next run, last slots."""
+        views = ScheduleOps(ops()).list(caller(ctx, config), tool="schedule_list")
+        return {"schedules": [v.to_dict() for v in views]}
+
+    @server.tool(name="schedule_add", annotations=RUNS)
+    @tool_errors
+    def schedule_add(
+        ctx: Context,
+        name: Annotated[str, Field(description="a new schedule name: letters, digits, _ . -")],
+        playbook: Annotated[str, Field(description="a playbook name from playbook_list")],
+        cron: Annotated[str, Field(description='UTC cron: "0 3 * * *"; a 6th field is seconds; @daily')],
+        limit: Annotated[
+            str | None, Field(description="host pattern; default the playbook's default_limit")
+        ] = None,
+        extra_vars: Annotated[
+            dict[str, Any] | None, Field(description="variables the playbook declares (see playbook_list)")
+        ] = None,
+        notify: Annotated[
+            str, Field(description="mail the result to you: always, failure (default) or never")
+        ] = "failure",
+    ) -> dict[str, Any]:
+        """Run a playbook on a cron schedule as you (carrier serve runs it; missed runs are reported)."""
+        view = ScheduleOps(ops()).add(caller(ctx, config), name, playbook, cron=cron, limit=limit,
+                                      extra_vars=extra_vars, notify=notify, tool="schedule_add")
+        return view.to_dict()
+
+    @server.tool(name="schedule_remove", annotations=CONTROLS)
+    @tool_errors
+    def schedule_remove(
+        ctx: Context, name: Annotated[str, Field(description="a schedule name from schedule_list")]
+    ) -> dict[str, Any]:
+        """Remove a schedule (yours; an admin: anyone's)."""
+        ScheduleOps(ops()).remove(caller(ctx, config), name, tool="schedule_remove")
+        return {"name": name, "removed": True}
 
 
 def _job_brief(view: JobView) -> dict[str, Any]:

@@ -23,6 +23,11 @@ FINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 MESSAGE_STATES = ("received", "processing", "done", "failed")
 ENROLLMENT_STATES = ("requested", "challenged", "verified", "approved", "denied", "revoked", "expired")
 OUTBOX_STATES = ("pending", "sent", "failed")
+#: When a schedule's result mail goes to its owner.
+SCHEDULE_NOTIFY = ("always", "failure", "never")
+#: What became of one slot of a schedule: claimed (about to start), started (its job exists),
+#: refused (the policy said no at fire time), missed (Carrier was not running: reported, not run).
+SCHEDULE_RUN_STATES = ("claimed", "started", "refused", "missed")
 #: Audit rows may also come from Carrier itself (start-up, expiry sweeps, the sandbox).
 AUDIT_DOORS = (*DOORS, "system")
 
@@ -341,8 +346,46 @@ _V7 = Migration(
     ),
 )
 
+_V8 = Migration(
+    8,
+    "schedules and their slots (one row per slot: a slot fires once across restarts and processes)",
+    (
+        f"""
+        CREATE TABLE schedules (
+            name          TEXT PRIMARY KEY NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+            owner         TEXT NOT NULL,
+            door          TEXT NOT NULL CHECK (door IN {_in(DOORS)}),
+            playbook      TEXT NOT NULL,
+            limit_pattern TEXT,
+            extra_vars    TEXT NOT NULL DEFAULT '{{}}',
+            cron          TEXT NOT NULL,
+            notify        TEXT NOT NULL DEFAULT 'failure' CHECK (notify IN {_in(SCHEDULE_NOTIFY)}),
+            created_at    REAL NOT NULL,
+            checked_at    REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+        # The (schedule, slot) key is the claim: whoever inserts the row fires (or reports) the slot.
+        f"""
+        CREATE TABLE schedule_runs (
+            schedule     TEXT NOT NULL,
+            slot         REAL NOT NULL,
+            state        TEXT NOT NULL CHECK (state IN {_in(SCHEDULE_RUN_STATES)}),
+            job_id       TEXT,
+            claimed_by   TEXT NOT NULL,
+            reason       TEXT NOT NULL DEFAULT '',
+            missed_count INTEGER NOT NULL DEFAULT 0 CHECK (missed_count >= 0),
+            first_missed REAL,
+            notified     INTEGER NOT NULL DEFAULT 0 CHECK (notified IN (0, 1)),
+            created_at   REAL NOT NULL,
+            PRIMARY KEY (schedule, slot)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX schedule_runs_to_notify ON schedule_runs (state, notified)",
+    ),
+)
+
 #: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 
 #: The schema version this Carrier writes and understands.
 LATEST_VERSION = MIGRATIONS[-1].version

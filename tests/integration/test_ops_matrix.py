@@ -385,6 +385,9 @@ TOOL_ARGS: dict[str, dict[str, Any]] = {
     "job_screen": {"job_id": "JOB"},
     "job_wait": {"job_id": "JOB", "timeout": 0},
     "job_kill": {"job_id": "JOB"},
+    "schedule_list": {},
+    "schedule_add": {"name": "matrix", "playbook": "ping", "limit": "web1", "cron": "@daily"},
+    "schedule_remove": {"name": "matrix"},
 }
 
 

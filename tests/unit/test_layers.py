@@ -12,7 +12,7 @@ import carrier
 
 ROOT = Path(carrier.__file__).parent
 DOORS = ("mail/door.py", "mcp/tools_ops.py", "mcp/tools_mail.py", "mcp/server.py", "jobs/cli.py",
-         "jobs/ptycli.py")
+         "jobs/ptycli.py", "schedule_cli.py")
 ENGINE_MODULES = ("carrier.ansible", "carrier.jobs.pty", "carrier.jobs.ptyengine", "carrier.jobs.ptytmux",
                   "carrier.jobs.ptyproc", "carrier.jobs.ptybase", "carrier.jobs.tmuxctl",
                   "carrier.jobs.engines")
