@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from auth_support import copy_home
+from mail_support import write_secret
 from ruamel.yaml import YAML
 
 from carrier.sandbox.manager import Sandbox, dump_yaml
 from carrier.store import DB_NAME
 from carrier.store.schema import MIGRATIONS
-from tests.integration.auth_support import copy_home
-from tests.integration.mail_support import write_secret
 
 
 @dataclass
