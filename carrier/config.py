@@ -9,6 +9,7 @@ all of them, and small builders add the checks that span fields. Every problem i
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import os
 import re
@@ -181,6 +182,12 @@ class Role:
     commands: tuple[tuple[str, ...], ...] | None = None
     #: May add, list and remove its own schedules (admins always may).
     schedules: bool = False
+    #: The named secret (``secrets:``) given to Ansible as this role's become (sudo) password.
+    become_secret: str | None = None
+    #: Named secrets this role may type into its terminal jobs (``job_input(secret=...)``).
+    secrets: tuple[str, ...] = ()
+    #: Terminal jobs answer a ``[sudo] password for`` prompt with ``become_secret`` by themselves.
+    auto_sudo: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +277,22 @@ class MailSettings:
     max_message_bytes: int = 10 * 1024 * 1024
 
 
+@dataclass(frozen=True, kw_only=True)
+class Secret:
+    """One named secret, by reference only: a file, an environment variable or an Ansible Vault file.
+
+    Its value is read when used (carrier.secretstore), never kept in the configuration.
+    """
+
+    name: str
+    file: Path | None = None
+    env: str | None = None
+    #: An Ansible Vault encrypted file holding the secret, and the file with its vault password.
+    vault_file: Path | None = None
+    vault_password_file: Path | None = None
+    environ: Mapping[str, str] = field(default_factory=_no_env, repr=False, compare=False)
+
+
 def _default_roles() -> Mapping[str, Role]:
     return MappingProxyType(
         {
@@ -299,6 +322,7 @@ class Config:
     llm: LlmSettings = field(default_factory=LlmSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     mail: MailSettings = field(default_factory=MailSettings)
+    secret_refs: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def default_account(self) -> MailAccount:
@@ -316,6 +340,10 @@ class Config:
         """Every secret value that can be resolved now (for log redaction); unreadable ones are skipped."""
         getters: list[Callable[[], str | None]] = [a.password for a in self.accounts]
         getters.append(self.llm.api_key)
+        from carrier.secretstore import secret_value  # secretstore reads configs: imported late
+
+        for ref in self.secret_refs.values():
+            getters.append(functools.partial(secret_value, ref))
         found: list[str] = []
         for get in getters:
             try:
@@ -377,6 +405,18 @@ def _read_secret_file(path: Path) -> str:
     if not value:
         raise _Invalid(f"{path} is empty: put the secret in it")
     return value
+
+
+def _read_owned_secret_file(path: Path) -> str:
+    """``_read_secret_file`` for a named secret: the file must also belong to the user running Carrier."""
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        owner = os.geteuid()  # missing/unreadable: _read_secret_file says what is wrong
+    if owner != os.geteuid():
+        raise _Invalid(f"{path} is owned by uid {owner}, not by the user running Carrier "
+                       f"(uid {os.geteuid()}): `chown` it to that user")
+    return _read_secret_file(path)
 
 
 def _read_secret(env_name: str | None, path: Path | None, env: Mapping[str, str]) -> str:
@@ -882,6 +922,9 @@ _ROLE: Mapping[str, _F] = {
     "local": _F(_bool, False),
     "commands": _F(_list(_command_rule), None),
     "schedules": _F(_bool, False),
+    "become_secret": _F(_str),
+    "secrets": _F(_list(_str), ()),
+    "auto_sudo": _F(_bool, False),
 }
 
 
@@ -903,6 +946,64 @@ def _roles(value: Any, at: _At) -> Mapping[str, Role]:
     if failed:
         raise _Reported
     return MappingProxyType(roles)
+
+
+_SECRET_SOURCES = ("file", "env", "vault_file")
+_SECRET: Mapping[str, _F] = {
+    "file": _F(_path),
+    "env": _F(_env_name),
+    "vault_file": _F(_path),
+    "vault_password_file": _F(_path),
+}
+_SECRET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def _check_secret(values: dict[str, Any], at: _At) -> None:
+    values["environ"] = at.ctx.env
+    values["name"] = at.path.rsplit(".", 1)[-1]
+    given = [key for key in _SECRET_SOURCES if values.get(key)]
+    if len(given) != 1:
+        at.problem("give exactly one of file, env or vault_file "
+                   f"({'none' if not given else ', '.join(given)} given); inline values are not allowed")
+    if bool(values.get("vault_file")) != bool(values.get("vault_password_file")):
+        at.problem("vault_file and vault_password_file go together: set both")
+    for key in ("file", "vault_password_file"):  # mode and owner now; the value when it is used
+        if values.get(key):
+            try:
+                _read_owned_secret_file(values[key])
+            except _Invalid as exc:
+                at.key(key).problem(str(exc))
+
+
+def _secrets(value: Any, at: _At) -> Mapping[str, Secret]:
+    if not isinstance(value, Mapping):
+        raise _Invalid("expected a mapping of secret name to its source (file/env/vault_file), "
+                       f"got {_show(value)}")
+    out: dict[str, Secret] = {}
+    failed = False
+    read = _section(Secret, _SECRET, _MSG_INLINE_OTHER + " (use file, env or vault_file)", _check_secret)
+    for name, spec in value.items():
+        place = at.key(str(name), value)
+        if not _SECRET_NAME.fullmatch(str(name)):
+            place.problem("a secret name is a letter then letters, digits, '_' or '-' (at most 64)")
+            failed = True
+            continue
+        if not isinstance(spec, Mapping) or any(str(key) not in _SECRET for key in spec):
+            # Never echo what is there: it may be the secret itself.
+            place.problem("a secret is a mapping with one of file, env or vault_file "
+                          f"(known keys: {', '.join(_SECRET)}); {_MSG_INLINE_OTHER}")
+            failed = True
+            continue
+        try:
+            out[str(name)] = read(spec, place)
+        except _Invalid as exc:
+            place.problem(str(exc))
+            failed = True
+        except _Reported:
+            failed = True
+    if failed:
+        raise _Reported
+    return MappingProxyType(out)
 
 
 _LIMITS: Mapping[str, _F] = {name: _F(_positive, default) for name, default in vars(Limits()).items()}
@@ -985,6 +1086,7 @@ _TOP: Mapping[str, _F] = {
     "llm": _F(_section(LlmSettings, _LLM, _MSG_INLINE_LLM, _check_llm)),
     "logging": _F(_section(LoggingSettings, {"level": _F(_level, "INFO")}), LoggingSettings()),
     "mail": _F(_section(MailSettings, _MAIL), MailSettings()),
+    "secrets": _F(_secrets, MappingProxyType({})),
 }
 
 
@@ -1004,6 +1106,25 @@ def _check_users(values: dict[str, Any], at: _At) -> None:
             f"role {mcp.stdio_role!r} is not defined: roles are {', '.join(roles) or 'none'}")
 
 
+def _check_role_secrets(values: dict[str, Any], at: _At) -> None:
+    """Every secret a role names is defined under ``secrets:``; auto_sudo needs a become_secret."""
+    if "roles" not in values or "secrets" not in values:
+        return
+    known: Mapping[str, Secret] = values["secrets"]
+    roles_node = at.node.get("roles") if isinstance(at.node, Mapping) else None
+    for name, role in values["roles"].items():
+        place = at.key("roles").key(name, roles_node)
+        wanted = ([role.become_secret] if role.become_secret else []) + list(role.secrets)
+        for secret in wanted:
+            if secret not in known:
+                close = difflib.get_close_matches(secret, list(known), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                place.problem(f"secret {secret!r} is not defined under secrets: {hint}"
+                              f"secrets are {', '.join(known) or 'none'}")
+        if role.auto_sudo and not role.become_secret:
+            place.problem("auto_sudo needs become_secret: name the secret that answers sudo")
+
+
 def _missing_account(ctx: _Ctx) -> str:
     unset = [var for var in ("IMAP_SERVER", "SMTP_SERVER", "EMAIL_USER") if not ctx.env.get(var)]
     return (
@@ -1016,6 +1137,7 @@ def _build_config(root: Any, path: Path, ctx: _Ctx) -> Config:
     at = _At(ctx, node=root)
     values = _read(root, _TOP, at)
     _check_users(values, at)
+    _check_role_secrets(values, at)
     if "accounts" in values and not values["accounts"]:
         at.key("accounts").problem(_missing_account(ctx))
     if ctx.problems:
@@ -1025,6 +1147,7 @@ def _build_config(root: Any, path: Path, ctx: _Ctx) -> Config:
     values["llm"] = values["llm"] or LlmSettings(api_key_override=ctx.llm_key, environ=ctx.env)
     mail = values["mail"]
     values["mail"] = replace(mail, download_dir=mail.download_dir or state_dir / "downloads")
+    values["secret_refs"] = values.pop("secrets")
     return Config(**{**values, "state_dir": state_dir}, path=path)
 
 

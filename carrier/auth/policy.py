@@ -137,6 +137,8 @@ class Request:
     controller: bool = False
     #: approve: the role whose members may approve the job (catalog ``approval.by``).
     approval_by: str | None = None
+    #: pty_input: the named secret to type (``job_input(secret=...)``); its name only, never a value.
+    secret: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +413,10 @@ def decide(
     if action in ("job_read", "job_control", "pty_input"):
         if action == "pty_input" and not role.pty:
             return _no(f"role {name} may not use terminal jobs")
+        if action == "pty_input" and request.secret is not None:
+            problem = secret_problem(name, role, request.secret)
+            if problem:
+                return _no(problem)
         if request.job_owner is None:
             return _no("the job's owner is unknown")
         if request.job_owner == identity.name or identity.admin:
@@ -476,6 +482,25 @@ def decide(
     return _first([_command_problem(identity, role, request.command, strict_commands,
                                     shell_text=request.shell or role.shell),
                    _hosts_problem(identity, role, request)], f"role {name} allows pty jobs")
+
+
+def secret_problem(name: str, role: Role, secret: str) -> str | None:
+    """Why role ``name`` may not type the named secret, or None: it must list it (or become with it)."""
+    if secret in role.secrets or secret == role.become_secret:
+        return None
+    usable = sorted({*role.secrets, *([role.become_secret] if role.become_secret else [])})
+    return (f"role {name} may not use secret {secret!r} "
+            f"(it may use: {', '.join(usable) or 'none'}; list it under the role's secrets:)")
+
+
+def become_secret(role: Role | None) -> str | None:
+    """The named secret a role's Ansible runs become with (sudo password), or None."""
+    return role.become_secret if role is not None else None
+
+
+def auto_sudo_secret(role: Role | None) -> str | None:
+    """The secret a role's terminal jobs answer ``[sudo] password for`` with, or None (auto_sudo off)."""
+    return role.become_secret if role is not None and role.auto_sudo else None
 
 
 def _approval_decision(identity: Identity, request: Request) -> Decision:
