@@ -66,6 +66,9 @@ class RunSpec:
     timeout: int | None = None
     verbosity: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    #: The worker reads a become (sudo) password from its stdin and hands it to Ansible through a
+    #: FIFO (``--become-password-file``): it is never written to a file, spec.json or the artifacts.
+    become_password: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -149,8 +152,11 @@ def _package_parent() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def start_worker(run_dir: Path, spec: RunSpec) -> ProcessId:
-    """Write ``spec.json`` and start the detached worker; return its identity."""
+def start_worker(run_dir: Path, spec: RunSpec, *, become_password: str | None = None) -> ProcessId:
+    """Write ``spec.json`` and start the detached worker; return its identity.
+
+    ``become_password`` (with ``spec.become_password``) goes to the worker through a pipe only.
+    """
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     spec_path = run_dir / SPEC_FILE
@@ -164,9 +170,14 @@ def start_worker(run_dir: Path, spec: RunSpec) -> ProcessId:
     with open(run_dir / WORKER_LOG, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "carrier.ansible.worker", str(run_dir)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=str(run_dir),
-            start_new_session=True, close_fds=True,
+            stdin=subprocess.PIPE if spec.become_password else subprocess.DEVNULL,
+            stdout=log, stderr=log, env=env, cwd=str(run_dir), start_new_session=True, close_fds=True,
         )
+    if proc.stdin is not None:
+        with contextlib.suppress(BrokenPipeError):  # a worker that died at once reports it in its log
+            proc.stdin.write((become_password or "").encode("utf-8"))
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
     _CHILDREN[proc.pid] = proc  # reaped by reap_children(); a restarted Carrier has no such child
     ident = ProcessId.of(proc.pid)
     if ident is None:

@@ -7,8 +7,11 @@ Carrier stops. It reads ``spec.json``, runs ansible-runner with a cancel callbac
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -23,6 +26,29 @@ from carrier.ansible.runner import (
     stop_run_processes,
     write_result,
 )
+
+
+def _become_fifo(password: str) -> tuple[Path, threading.Thread]:
+    """A FIFO in a fresh 0700 directory outside the run's files: Ansible reads the password from it
+    once (``--become-password-file``); a thread writes it, then the FIFO is removed. Nothing of the
+    password is ever on disk."""
+    where = Path(tempfile.mkdtemp(prefix="carrier-become-"))
+    fifo = where / "become"
+    os.mkfifo(fifo, 0o600)
+
+    def feed() -> None:
+        try:
+            with open(fifo, "w", encoding="utf-8") as pipe:  # blocks until ansible opens it
+                pipe.write(password + "\n")
+        finally:
+            with contextlib.suppress(OSError):
+                fifo.unlink()
+            with contextlib.suppress(OSError):
+                where.rmdir()
+
+    thread = threading.Thread(target=feed, name="carrier-become", daemon=True)
+    thread.start()
+    return fifo, thread
 
 
 def run(run_dir: Path) -> int:
@@ -42,6 +68,17 @@ def run(run_dir: Path) -> int:
 
     import ansible_runner
 
+    cmdline = spec.cmdline()
+    fifo: Path | None = None
+    if spec.become_password:
+        password = sys.stdin.read()
+        if not password:
+            write_result(run_dir, "error", None, "the become password did not reach the worker")
+            return 1
+        fifo, _feeder = _become_fifo(password)
+        del password
+        cmdline = f"{cmdline} --become-password-file={fifo}".strip()
+
     kwargs: dict[str, object] = {
         "private_data_dir": str(run_dir),
         "ident": IDENT,
@@ -49,7 +86,7 @@ def run(run_dir: Path) -> int:
         "extravars": spec.extra_vars or None,
         "forks": spec.forks,
         "verbosity": spec.verbosity or None,
-        "cmdline": spec.cmdline() or None,
+        "cmdline": cmdline or None,
         "envvars": spec.env,
         "quiet": True,
         "cancel_callback": cancel_callback,
@@ -71,6 +108,12 @@ def run(run_dir: Path) -> int:
         traceback.print_exc()
         write_result(run_dir, "error", None, f"{type(exc).__name__}: {exc}")
         return 1
+    finally:
+        if fifo is not None:  # never read (the run failed first): remove it anyway
+            with contextlib.suppress(OSError):
+                fifo.unlink()
+            with contextlib.suppress(OSError):
+                fifo.parent.rmdir()
     if result.status in ("canceled", "timeout", "failed"):
         stop_run_processes(run_dir)  # Ansible's forks outlive a killed ansible-playbook
     write_result(run_dir, str(result.status), result.rc)

@@ -15,8 +15,9 @@ import os
 import re
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from carrier.ansible.errors import ControllerError, EngineError, SshError
 from carrier.ansible.fastpath import ExecResult, exec_on_hosts
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl, remote_command
+from carrier.errors import ConfigError
 from carrier.jobs.manager import JobContext, Outcome, Submission
 from carrier.store import EventRecord, JobRecord
 from carrier.store.jobruns import JobRunRecord
@@ -81,16 +83,32 @@ def _tags(request: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return ar.check_tags(str(t).strip() for t in value)
 
 
+_SECRET_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def _secret_name(request: Mapping[str, Any]) -> str | None:
+    """The become secret's name (the policy chose it: the role's ``become_secret``), or None."""
+    name = request.get("become_secret")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not _SECRET_NAME_RE.fullmatch(name):
+        raise EngineError("become_secret must be the name of a secret under secrets:")
+    return name
+
+
 class _RunnerEngine:
     """What playbook and adhoc jobs share: the detached worker and its supervision."""
 
     kind = ""
     detachable = True
 
-    def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True) -> None:
+    def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True,
+                 secrets: Callable[[str], str] | None = None) -> None:
         self.inventory = inventory
         self.ssh = ssh
         self.warm_masters = warm_masters
+        #: Named secret -> value (carrier.secretstore.lookup), read when a run starts.
+        self.secrets = secrets
 
     # ----------------------------------------------------------------- helpers
 
@@ -132,9 +150,22 @@ class _RunnerEngine:
         if ctx.cancel.is_set():
             who = ctx.cancelled_by or "someone"
             return Outcome("cancelled", "cancelled", f"cancelled by {who} before it started")
+        name = ctx.job.spec.get("become_secret")
+        password: str | None = None
+        if name:
+            if self.secrets is None:
+                return Outcome("failed", "secret", f"secret {name!r} is not available to this job system")
+            try:
+                password = self.secrets(str(name))
+            except ConfigError as exc:  # names the secret and its file, never a value
+                return Outcome("failed", "secret", str(exc))
         if self.warm_masters:
             self._warm(ctx.hosts)
-        worker = ar.start_worker(ctx.run_dir, self._runspec(ctx))
+        spec = self._runspec(ctx)
+        if password is not None:
+            spec = replace(spec, become_password=True)
+        worker = ar.start_worker(ctx.run_dir, spec, become_password=password)
+        del password
         ctx.set_process(worker.pid, worker.start)
         ctx.emit("runner.started", {"pid": worker.pid})
         return self._supervise(ctx, worker)
@@ -281,6 +312,7 @@ class PlaybookEngine(_RunnerEngine):
             "timeout": _int(request, "timeout", DEFAULT_TIMEOUT, 1, MAX_TIMEOUT),
             "admin_only": info.admin_only,
             "controller": controller,
+            "become_secret": _secret_name(request),
         }
         return Submission(target=limit, spec=spec, hosts=tuple(hosts))
 
@@ -371,6 +403,7 @@ class AdhocEngine(_RunnerEngine):
             "forks": _int(request, "forks", max(DEFAULT_FORKS, min(len(hosts), 50)), 1, MAX_FORKS),
             "timeout": _int(request, "timeout", DEFAULT_TIMEOUT, 1, MAX_TIMEOUT),
             "shell": shell,
+            "become_secret": _secret_name(request),
         }
         return Submission(target=pattern, spec=spec, hosts=tuple(hosts))
 

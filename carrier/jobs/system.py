@@ -3,11 +3,13 @@ MCP door share)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from carrier import secretstore
 from carrier.ansible.catalog import Catalog
 from carrier.ansible.inventory import Inventory
 from carrier.ansible.ssh import SshControl
@@ -34,15 +36,16 @@ class JobSystem:
 
 
 def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
-                        playbook_dirs: Sequence[Path], **manager_options: Any) -> JobSystem:
+                        playbook_dirs: Sequence[Path], *, secrets: Callable[[str], str] | None = None,
+                        **manager_options: Any) -> JobSystem:
     """The one place the engines are put together: playbook, adhoc, exec and pty, sharing one
     inventory and one set of ssh masters. ``manager_options`` go to ``Manager`` (limits, poll)."""
     inventory = Inventory(inventory_path)
     catalog = Catalog(playbook_dirs)
     ssh = SshControl(state_dir)
     pty = PtyEngine(inventory, ssh)
-    engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog), AdhocEngine(inventory, ssh),
-               ExecEngine(inventory, ssh), pty]
+    engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog, secrets=secrets),
+                             AdhocEngine(inventory, ssh, secrets=secrets), ExecEngine(inventory, ssh), pty]
     manager = Manager(store, state_dir, engines=engines, **manager_options)
     return JobSystem(manager=manager, inventory=inventory, catalog=catalog, ssh=ssh, pty=pty)
 
@@ -51,6 +54,7 @@ def build_job_system(config: Config, store: Store) -> JobSystem:
     """A job system for ``config`` (not started yet)."""
     return assemble_job_system(
         store, config.state_dir, config.inventory, config.playbook_dirs,
+        secrets=functools.partial(secretstore.lookup, config),
         max_jobs=config.limits.max_jobs,
         max_jobs_per_host=config.limits.max_jobs_per_host,
         output_max_bytes=config.limits.output_max_bytes,

@@ -26,7 +26,7 @@ from carrier.ansible.ssh import MasterInfo
 from carrier.auth.audit import Audit
 from carrier.auth.enrollment import Outcome as EnrollOutcome
 from carrier.auth.errors import AuthError
-from carrier.auth.policy import Decision, HostRef, Identity, Policy, Request
+from carrier.auth.policy import Decision, HostRef, Identity, Policy, Request, become_secret
 from carrier.auth.tokens import IssuedToken
 from carrier.config import Config
 from carrier.errors import CarrierError
@@ -291,6 +291,9 @@ class Ops:
             options["forks"] = forks
         if timeout is not None:
             options["timeout"] = timeout
+        secret = become_secret(self.policy.role_of(who))
+        if secret:
+            options["become_secret"] = secret  # its name: the engine reads the value at start
         manager = self.jobs.manager
         rule = info.approval
         names = ", ".join(h.name for h in hosts)
@@ -315,6 +318,8 @@ class Ops:
             return view
 
         detail: dict[str, Any] = {"playbook": info.name, "limit": pattern}
+        if secret:
+            detail["become_secret"] = secret
         if rule is not None:
             detail["approval"] = rule.to_dict()
         return self._plan(who, request, lambda within: self._submit(who, submit, within, detail))
@@ -333,9 +338,11 @@ class Ops:
         hosts = self._hosts(who, request, pattern)
         request = Request("adhoc", hosts, module=module, command=args or None, tool=tool)
         manager = self.jobs.manager
+        secret = become_secret(self.policy.role_of(who))
+        extra: dict[str, Any] = {"become_secret": secret} if secret else {}
         return self._plan(who, request, lambda within: self._submit(
             who, lambda: manager.run_adhoc(module, pattern, owner=who.name, door=who.door, args=args,
-                                           check=check), within, {"module": module}))
+                                           check=check, **extra), within, {"module": module, **extra}))
 
     def run_adhoc(self, who: Identity, module: str, pattern: str, **options: Any) -> JobView:
         return self.plan_adhoc(who, module, pattern, **options).run()

@@ -33,6 +33,8 @@ PACKAGES: dict[str, str] = {
     "tmux": "tmux",
     "useradd": "passwd",
     "usermod": "passwd",
+    "chpasswd": "passwd",
+    "visudo": "sudo",
 }
 
 

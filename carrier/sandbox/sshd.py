@@ -17,6 +17,7 @@ from pathlib import Path
 from carrier.errors import SandboxError
 from carrier.sandbox import procs
 from carrier.sandbox.layout import HOSTS, LOGIN_USER, Layout
+from carrier.sandbox.sudo import ensure_sudo_password
 
 #: sshd refuses to start without its privilege-separation directory.
 PRIVSEP_DIR = Path("/run/sshd")
@@ -154,6 +155,7 @@ class SshHosts:
         keygen = procs.find_binary("ssh-keygen")
         procs.find_binary("sshd")
         account = login_account()
+        ensure_sudo_password(self.layout)  # become passwords and sudo prompts are tested on it
 
         ssh_dir = self.layout.ssh_dir
         ssh_dir.mkdir(parents=True, exist_ok=True)
