@@ -955,7 +955,8 @@ _SECRET: Mapping[str, _F] = {
     "vault_file": _F(_path),
     "vault_password_file": _F(_path),
 }
-_SECRET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+#: What a secret's name looks like (one place: config, doors and engines check names with it).
+SECRET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 def _check_secret(values: dict[str, Any], at: _At) -> None:
@@ -984,7 +985,7 @@ def _secrets(value: Any, at: _At) -> Mapping[str, Secret]:
     read = _section(Secret, _SECRET, _MSG_INLINE_OTHER + " (use file, env or vault_file)", _check_secret)
     for name, spec in value.items():
         place = at.key(str(name), value)
-        if not _SECRET_NAME.fullmatch(str(name)):
+        if not SECRET_NAME.fullmatch(str(name)):
             place.problem("a secret name is a letter then letters, digits, '_' or '-' (at most 64)")
             failed = True
             continue

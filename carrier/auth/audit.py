@@ -353,7 +353,7 @@ class Audit:
         """Record a policy decision (allowed or denied) with the hosts and the reason."""
         detail: dict[str, Any] = {"reason": decision.reason, "role": identity.role,
                                   "hosts": [h.name for h in request.hosts]}
-        for key in ("playbook", "module", "command", "tool", "job_owner"):
+        for key in ("playbook", "module", "command", "tool", "job_owner", "secret"):  # secret: its name
             value = getattr(request, key)
             if value is not None:
                 detail[key] = value

@@ -28,6 +28,7 @@ from carrier.ansible.errors import ControllerError, EngineError, SshError
 from carrier.ansible.fastpath import ExecResult, exec_on_hosts
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl, remote_command
+from carrier.config import SECRET_NAME
 from carrier.errors import ConfigError
 from carrier.jobs.manager import JobContext, Outcome, Submission
 from carrier.store import EventRecord, JobRecord
@@ -83,15 +84,12 @@ def _tags(request: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return ar.check_tags(str(t).strip() for t in value)
 
 
-_SECRET_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
-
-
 def _secret_name(request: Mapping[str, Any]) -> str | None:
     """The become secret's name (the policy chose it: the role's ``become_secret``), or None."""
     name = request.get("become_secret")
     if name is None:
         return None
-    if not isinstance(name, str) or not _SECRET_NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
         raise EngineError("become_secret must be the name of a secret under secrets:")
     return name
 

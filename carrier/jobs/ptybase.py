@@ -9,6 +9,7 @@ cursors). ``wait`` matches new output as it comes and the screen when output pau
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import signal as _signal
@@ -33,6 +34,8 @@ DEFAULT_COLS, DEFAULT_ROWS = 120, 40
 MIN_COLS, MAX_COLS = 10, 1000
 MIN_ROWS, MAX_ROWS = 5, 500
 MAX_INPUT = 65536
+#: What a typed secret shows as, should the program echo it.
+SECRET_MASK = "********"  # noqa: S105 (a mask, not a password)
 MAX_WAIT = 3600.0
 MODES = ("auto", "tmux", "plain")
 SIGNALS: dict[str, int] = {"TERM": _signal.SIGTERM, "INT": _signal.SIGINT, "KILL": _signal.SIGKILL,
@@ -213,10 +216,49 @@ class PtyJob:
         self._last_output = time.monotonic()
         self._input_cursor = output.end
         self._on_exit: list[Callable[[PtyJob], None]] = []
+        #: Secrets typed into this job (job_input secret=...): masked in its kept output and screens.
+        self._masks: list[str] = []
+        self._held = b""  # output that may be the start of a secret (see _mask_bytes)
+
+    # ----------------------------------------------------------------- secrets
+
+    def _mask_bytes(self, data: bytes, *, final: bool = False) -> bytes:
+        """``data`` with every typed secret replaced by the mask; a tail that may be the start of
+        a secret split across chunks is held back until the next chunk (or the end)."""
+        data = self._held + data
+        self._held = b""
+        masks = [value.encode("utf-8") for value in self._masks]
+        for mask in masks:
+            data = data.replace(mask, SECRET_MASK.encode())
+        if not final:
+            for size in range(min(len(data), max(map(len, masks)) - 1), 0, -1):
+                if any(m.startswith(data[-size:]) for m in masks):
+                    data, self._held = data[:-size], data[-size:]
+                    break
+        return data
+
+    def _mask_screen(self, view: ScreenView) -> ScreenView:
+        if not self._masks or not any(v in row for v in self._masks for row in view.rows):
+            return view
+        rows = list(view.rows)
+        for value in self._masks:
+            rows = [row.replace(value, SECRET_MASK) for row in rows]
+        return dataclasses.replace(view, rows=tuple(rows))
+
+    def input_secret(self, value: str) -> int:
+        """Type a secret and press Enter; should the program echo it, the kept output and the
+        screens show ``SECRET_MASK`` instead. The cursor from before the input."""
+        if not value:
+            raise PtyError("the secret is empty")
+        if value not in self._masks:
+            self._masks.append(value)
+        return self.input(value, ["Enter"])
 
     # ----------------------------------------------------------------- hot path and end
 
     def _feed(self, data: bytes) -> None:
+        if self._masks:
+            data = self._mask_bytes(data)
         self.log.append(data)
         self._last_output = time.monotonic()
         with self._cond:
@@ -226,6 +268,8 @@ class PtyJob:
                 render: Callable[[], ScreenView] | None = None) -> None:
         """Record the end: waiters wake at once; the last screen (``render``, which may be slow) is
         made after that, then the ``on_exit`` callbacks run."""
+        if self._held:
+            self.log.append(self._mask_bytes(b"", final=True))
         with self._cond:
             if self.exit is not None:
                 return
@@ -238,6 +282,8 @@ class PtyJob:
                 self.final_screen = render()
             except Exception:  # the exit stands without its last screen
                 log.warning("pty last screen failed", exc_info=True, extra={"job": self.job_id})
+        if self.final_screen is not None:
+            self.final_screen = self._mask_screen(self.final_screen)
         with self._cond:
             callbacks = list(self._on_exit)
             self._on_exit.clear()
@@ -302,7 +348,7 @@ class PtyJob:
         """What the terminal shows now (the last screen, for a finished job)."""
         if self.final_screen is not None:
             return self.final_screen
-        return self._screen()
+        return self._mask_screen(self._screen())
 
     def resize(self, cols: int, rows: int) -> None:
         cols, rows = check_size(cols, rows)

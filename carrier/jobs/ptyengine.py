@@ -370,6 +370,10 @@ class PtyJobs:
     def input(self, job_id: str, text: str = "", keys: str | Sequence[str] = ()) -> int:
         return self._running(job_id, "input").input(text, keys)
 
+    def input_secret(self, job_id: str, value: str) -> int:
+        """Type a secret + Enter (masked in the job's kept output and screens)."""
+        return self._running(job_id, "input").input_secret(value)
+
     def screen(self, job_id: str) -> ScreenView:
         job = self.handle(job_id)
         if job is not None:

@@ -11,6 +11,7 @@ still run, in order. More than ``max_commands`` command lines make the whole mai
     exec <pattern> <command ...>
     status <job> | output <job> [tail N] | kill <job> | jobs
     job start <host> <command ...> | job input <job> [keys k1,k2] [text ...] | job screen <job>
+    job input <job> secret <name>   (types a named secret + Enter; ``text secret ...`` types the word)
     hosts [pattern] | playbooks | help
     enroll | confirm <code>
     approve <request> [as <role>] | deny <request> | revoke <fingerprint>
@@ -25,6 +26,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from carrier.auth.enrollment import unquoted_lines
+from carrier.config import SECRET_NAME
 from carrier.formats import FINGERPRINT_RE as _FPR_RE
 from carrier.formats import JOB_ID_EXAMPLE as _JOB
 from carrier.formats import KEY_NAME_RE as _KEY_RE
@@ -86,6 +88,8 @@ class Command:
     fingerprint: str | None = None
     code: str | None = None
     ttl: int | None = None
+    #: job input: the name of a secret to type (never its value).
+    secret: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +234,12 @@ def _job_sub(line: str, lineno: int, rest: str) -> Command:
         keys: tuple[str, ...] = ()
         text = after.strip()
         head, _, remainder = text.partition(" ")
+        if head.lower() == "secret":
+            name = remainder.strip()
+            if not SECRET_NAME.fullmatch(name):
+                raise _bad("job input", f"{name[:40]!r} is not a secret name: `job input {_JOB} secret "
+                           "web_sudo` types the secret called web_sudo")
+            return Command("job input", line, lineno, job=job, secret=name)
         if head.lower() == "keys":
             spec, _, text = remainder.strip().partition(" ")
             keys = tuple(k for k in spec.split(",") if k)

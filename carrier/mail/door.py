@@ -622,7 +622,8 @@ def _verb_job_start(door: MailDoor, cmd: Command, who: Identity, signed: _Signed
 def _verb_job_input(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
     assert cmd.job is not None
     job = cmd.job
-    planned = door.ops.plan_pty_type(who, job, cmd.text or "", list(cmd.keys), settle_ms=SCREEN_SETTLE_MS)
+    planned = door.ops.plan_pty_type(who, job, cmd.text or "", list(cmd.keys), secret=cmd.secret,
+                                     settle_ms=SCREEN_SETTLE_MS)
     return _read(planned, lambda got: StepResult(Section(
         cmd.line, "ok", f"screen of job {job} after the input ({got[0].status})", block=got[1].framed())))
 

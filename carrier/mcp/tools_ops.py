@@ -231,9 +231,14 @@ def register(server: MCPServer, context: ServerContext) -> None:
         keys: Annotated[
             list[str] | None, Field(description="named keys pressed after the text: Enter, Up, C-c")
         ] = None,
+        secret: Annotated[
+            str | None, Field(description="instead of text: the name of a secret your role may use "
+                                          "(e.g. a sudo password), typed with Enter; never shown")
+        ] = None,
     ) -> dict[str, Any]:
-        """Type text and/or press named keys in a running terminal job."""
-        cursor = ops().pty_input(caller(ctx, config), job_id, text, keys or (), tool="job_input")
+        """Type text and/or press named keys in a running terminal job, or type a named secret."""
+        cursor = ops().pty_input(caller(ctx, config), job_id, text, keys or (), secret=secret,
+                                 tool="job_input")
         return {"job_id": job_id, "cursor": cursor}
 
     @server.tool(name="job_screen", annotations=READ_ONLY)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from carrier import secretstore
 from carrier.ansible.catalog import PlaybookInfo, check_playbook_name
 from carrier.ansible.ssh import MasterInfo
 from carrier.auth.audit import Audit
@@ -28,7 +29,7 @@ from carrier.auth.enrollment import Outcome as EnrollOutcome
 from carrier.auth.errors import AuthError
 from carrier.auth.policy import Decision, HostRef, Identity, Policy, Request, become_secret
 from carrier.auth.tokens import IssuedToken
-from carrier.config import Config
+from carrier.config import SECRET_NAME, Config
 from carrier.errors import CarrierError
 from carrier.formats import FormatError, check_job_id, check_token_id, pattern_problem
 from carrier.jobs.engines import check_controller_use
@@ -201,7 +202,7 @@ class Ops:
         return view
 
     def _job(self, who: Identity, action: str, job_id: object, tool: str | None,
-             *, kind: str | None = None) -> JobView:
+             *, kind: str | None = None, secret: str | None = None) -> JobView:
         """The job ``job_id`` once the policy let ``who`` do ``action`` on it."""
         request = Request(action, tool=tool)  # type: ignore[arg-type]
         try:
@@ -213,7 +214,7 @@ class Ops:
             view = self.jobs.manager.get(job_id)
         except CarrierError as exc:
             raise self.refuse(who, request, str(exc)) from None
-        self.decide(who, Request(action, job_owner=view.owner, tool=tool))  # type: ignore[arg-type]
+        self.decide(who, Request(action, job_owner=view.owner, tool=tool, secret=secret))  # type: ignore[arg-type]
         if kind is not None and view.kind != kind:
             raise OpsError(f"job {view.id} is a {view.kind} job: this works on {kind} jobs only")
         return view
@@ -562,24 +563,43 @@ class Ops:
         return self.plan_pty_start(who, host, command, **options).run()
 
     def plan_pty_input(self, who: Identity, job_id: str, text: str = "", keys: Sequence[str] = (),
-                       *, tool: str | None = None) -> Planned[int]:
-        """Decide typing ``text`` and then pressing ``keys`` in a terminal job (the cursor after it)."""
+                       *, secret: str | None = None, tool: str | None = None) -> Planned[int]:
+        """Decide typing ``text`` and then pressing ``keys`` in a terminal job (the cursor after it);
+        or, with ``secret``, typing that named secret + Enter (the policy decides which a role may)."""
+        if secret is not None:
+            return self._plan_secret_input(who, job_id, secret, text, keys, tool)
         view = self._job(who, "pty_input", job_id, tool, kind="pty")
         if not text and not keys:
             raise OpsError("nothing to send: give text and/or keys")
         return Planned(Request("pty_input", job_owner=view.owner, tool=tool), Decision(True, "checked"),
                        lambda _: self.ptys.input(view.id, text, list(keys)))
 
+    def _plan_secret_input(self, who: Identity, job_id: str, secret: str, text: str, keys: Sequence[str],
+                           tool: str | None) -> Planned[int]:
+        request = Request("pty_input", tool=tool, secret=str(secret)[:64])
+        if not isinstance(secret, str) or not SECRET_NAME.fullmatch(secret):
+            raise self.refuse(who, request, "secret must be the name of a secret (letters, digits, _ and -)")
+        if text or keys:
+            raise self.refuse(who, request, "give a secret, or text/keys, not both: the secret is typed "
+                              "with Enter after it")
+        view = self._job(who, "pty_input", job_id, tool, kind="pty", secret=secret)
+
+        def run(_: Within | None) -> int:
+            return self.ptys.input_secret(view.id, secretstore.lookup(self.config, secret))
+
+        return Planned(Request("pty_input", job_owner=view.owner, tool=tool, secret=secret),
+                       Decision(True, "checked"), run)
+
     def pty_input(self, who: Identity, job_id: str, text: str = "", keys: Sequence[str] = (),
-                  *, tool: str | None = None) -> int:
-        return self.plan_pty_input(who, job_id, text, keys, tool=tool).run()
+                  *, secret: str | None = None, tool: str | None = None) -> int:
+        return self.plan_pty_input(who, job_id, text, keys, secret=secret, tool=tool).run()
 
     def plan_pty_type(self, who: Identity, job_id: str, text: str = "", keys: Sequence[str] = (),
-                      *, settle_ms: int = 400,
+                      *, settle_ms: int = 400, secret: str | None = None,
                       tool: str | None = None) -> Planned[tuple[JobView, ScreenView]]:
         """Decide typing into a terminal job; running it returns the screen once the program has
         answered (its output after the input paused for ``settle_ms``, at most 5 s, or it ended)."""
-        planned = self.plan_pty_input(who, job_id, text, keys, tool=tool)
+        planned = self.plan_pty_input(who, job_id, text, keys, secret=secret, tool=tool)
 
         def screen_after(cursor: int) -> tuple[JobView, ScreenView]:
             self.ptys.wait(job_id, idle_ms=settle_ms, timeout=5.0, since=cursor)

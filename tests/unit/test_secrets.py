@@ -168,3 +168,15 @@ def test_policy_lets_a_role_type_only_its_own_secrets(site: Path) -> None:
     assert auto_sudo_secret(config.roles["web"]) == "web_sudo"
     assert become_secret(config.roles["viewer"]) is None
     assert auto_sudo_secret(config.roles["viewer"]) is None
+
+
+def test_mail_grammar_job_input_secret() -> None:
+    from carrier.mail.commands import CommandError, parse_commands
+
+    job = "j-abcdefghijkm"
+    [command] = parse_commands(f"job input {job} secret web_sudo\n").commands
+    assert command.verb == "job input" and command.secret == "web_sudo" and command.text is None
+    [typed] = parse_commands(f"job input {job} text secret web_sudo\n").commands
+    assert typed.secret is None and typed.text == "secret web_sudo"  # the words, typed as text
+    [error] = parse_commands(f"job input {job} secret ../etc\n").errors
+    assert isinstance(error, CommandError) and "is not a secret name" in error.message

@@ -1,0 +1,119 @@
+"""Typing named secrets into terminal jobs through the real doors: a real MCP client session
+(``job_input(secret=...)``) and signed mail through `carrier serve` (``job input <job> secret
+<name>``). A ``sudo -k; sudo true`` job on a sandbox host whose sudo asks for a password is
+answered; a program that echoes what is typed shows a mask; the secret appears nowhere: tool
+results, the store and its SQL dump, the kept output and screens, serve's log, the replies."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mail_support import write_secret
+from mcp.client.client import Client
+from mcp_http_support import ROLES, data_of, error_of, load, write_door_config
+
+from carrier.mcp.server import build_server
+from carrier.sandbox.manager import Sandbox
+
+pytestmark = pytest.mark.sandbox
+
+MASK = "********"
+#: sudo asks (timestamp_timeout=0 in the sandbox: always), then `read` echoes what is typed.
+COMMAND = 'sudo -k; sudo true && echo SUDO-OK; read -r x; echo "typed:$x"'
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="csecpty-", dir="/var/tmp"))
+    directory.chmod(0o700)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _password(sandbox: Sandbox) -> str:
+    return sandbox.layout.password_file("sudo").read_text().strip()
+
+
+def _secrets(sandbox: Sandbox, directory: Path) -> dict[str, Any]:
+    secret = directory / "web_sudo.pass"
+    write_secret(secret, _password(sandbox) + "\n")
+    return {"web_sudo": {"file": str(secret)}, "other": {"env": "HOME"}}
+
+
+def _found_in(root: Path, needle: str) -> list[str]:
+    found = [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+    for db in root.rglob("*.db"):
+        with sqlite3.connect(db) as conn:
+            if needle in "\n".join(conn.iterdump()):
+                found.append(f"{db} (dump)")
+    return found
+
+
+def _audit(root: Path) -> list[str]:
+    rows: list[str] = []
+    for db in root.rglob("*.db"):
+        with sqlite3.connect(db) as conn:
+            rows += [" ".join(map(str, r)) for r in conn.execute("SELECT * FROM audit")]
+    return rows
+
+
+def test_job_input_secret_over_mcp(sandbox: Sandbox, workdir: Path) -> None:
+    password = _password(sandbox)
+    roles = {**ROLES, "web": {"playbooks": ["*"], "hosts": "all", "exec": True, "shell": True, "pty": True,
+                              "become_secret": "web_sudo"}}
+    config = load(write_door_config(sandbox, workdir, port_shift=33, mcp={"stdio_role": "web"},
+                                    extra={"roles": roles, "secrets": _secrets(sandbox, workdir)}))
+    server, context = build_server(config, modules=("carrier.mcp.tools_ops",))
+    results: list[Any] = []
+
+    async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+        got = data_of(await client.call_tool(tool, args))
+        results.append(got)
+        return got
+
+    async def session() -> None:
+        async with Client(server) as client:
+            job = (await call(client, "job_start", {"host": "web1", "command": COMMAND}))["job_id"]
+            asked = await call(client, "job_wait", {"job_id": job, "pattern": r"password for", "timeout": 60})
+            assert asked["wait"]["reason"] == "match", asked
+            refused = error_of(await client.call_tool("job_input", {"job_id": job, "secret": "other"}))
+            assert "may not use secret 'other'" in refused and "web_sudo" in refused
+            bad = error_of(await client.call_tool("job_input", {"job_id": job, "secret": "web_sudo",
+                                                                "text": "x"}))
+            assert "not both" in bad
+            await call(client, "job_input", {"job_id": job, "secret": "web_sudo"})
+            ok = await call(client, "job_wait", {"job_id": job, "pattern": "SUDO-OK", "timeout": 60})
+            assert ok["wait"]["reason"] == "match", ok
+            await call(client, "job_input", {"job_id": job, "secret": "web_sudo"})
+            await call(client, "job_wait", {"job_id": job, "pattern": "typed:", "timeout": 60})
+            done = await call(client, "job_wait", {"job_id": job, "timeout": 60})
+            assert done["done"] and done["job"]["status"] == "succeeded", done
+            screen = await call(client, "job_screen", {"job_id": job})
+            output = await call(client, "job_output", {"job_id": job, "max_bytes": 1 << 20})
+            assert f"typed:{MASK}" in output["text"], output["text"]
+            assert f"typed:{MASK}" in json.dumps(screen)
+
+    try:
+        anyio.run(session)
+    finally:
+        context.close()
+    assert password not in json.dumps(results)
+    assert not _found_in(config.state_dir, password)
+    _two_allowed_rows_name_the_secret(config.state_dir)
+
+
+def _two_allowed_rows_name_the_secret(state: Path) -> None:
+    named = [row for row in _audit(state)
+             if "decide:pty_input" in row and re.search(r'"secret": ?"web_sudo"', row) and "allowed" in row]
+    assert len(named) == 2, _audit(state)[-8:]  # one row per typed secret, naming it
