@@ -17,7 +17,8 @@ from typing import Any
 
 import anyio
 import pytest
-from mail_support import write_secret
+from door_support import identities, send_signed, serving, text_of, wait_replies
+from mail_support import token, write_secret
 from mcp.client.client import Client
 from mcp_http_support import ROLES, data_of, error_of, load, write_door_config
 
@@ -117,3 +118,55 @@ def _two_allowed_rows_name_the_secret(state: Path) -> None:
     named = [row for row in _audit(state)
              if "decide:pty_input" in row and re.search(r'"secret": ?"web_sudo"', row) and "allowed" in row]
     assert len(named) == 2, _audit(state)[-8:]  # one row per typed secret, naming it
+
+
+_JOB = re.compile(r"terminal job (j-[a-z2-7]{12}) on")
+
+
+def _reply_with(sandbox: Sandbox, who: str, tag: str, count: int, needle: str) -> tuple[str, list[str]]:
+    texts = [text_of(r) for r in wait_replies(sandbox, who, tag, count, timeout=120)]
+    found = [t for t in texts if needle in t]
+    assert found, f"no reply with {needle!r} among {len(texts)}: {texts[-1][:2000]}"
+    return found[-1], texts
+
+
+def test_job_input_secret_by_signed_mail(sandbox: Sandbox, workdir: Path) -> None:
+    password = _password(sandbox)
+    roles = {
+        "operator": {"playbooks": ["*"], "hosts": "all", "exec": True, "pty": True},
+        "admin": {"playbooks": ["*"], "hosts": "all", "exec": True, "shell": True, "pty": True,
+                  "secrets": ["web_sudo"]},
+    }
+    with serving(sandbox, roles=roles, secrets=_secrets(sandbox, workdir)) as (serve, directory), \
+            identities(sandbox) as people:
+        serve.start()
+        admin, ops = people["admin"], people["ops"]
+        tag = token("secmail")
+        send_signed(sandbox, admin, f"job start web1 {COMMAND}", tag)
+        first, _ = _reply_with(sandbox, "admin", tag, 1, "accepted, terminal job")
+        match = _JOB.search(first)
+        assert match, first
+        job = match.group(1)
+        send_signed(sandbox, admin, f"job input {job} secret web_sudo", f"Re: {tag}")
+        _reply_with(sandbox, "admin", tag, 2, f"screen of job {job} after the input")
+        send_signed(sandbox, admin, f"job input {job} secret web_sudo", f"Re: {tag}")
+        _reply_with(sandbox, "admin", tag, 3, f"screen of job {job} after the input")
+        result, texts = _reply_with(sandbox, "admin", tag, 4, f"Job {job} succeeded")
+        assert "SUDO-OK" in result and f"typed:{MASK}" in result, result
+
+        # A role that does not list the secret is refused, and told which it may use.
+        tag2 = token("secdeny")
+        send_signed(sandbox, ops, "job start web2 cat", tag2)
+        started, _ = _reply_with(sandbox, "ops", tag2, 1, "terminal job")
+        other = _JOB.search(started)
+        assert other, started
+        send_signed(sandbox, ops, f"job input {other.group(1)} secret web_sudo", f"Re: {tag2}")
+        denied, denied_texts = _reply_with(sandbox, "ops", tag2, 2, "may not use secret 'web_sudo'")
+        assert "it may use: none" in denied, denied
+        send_signed(sandbox, ops, f"kill {other.group(1)}", f"Re: {tag2}")
+        _reply_with(sandbox, "ops", tag2, 3, "cancel requested")
+        serve.stop()
+        assert password not in json.dumps(serve.lines)  # serve's log
+        assert not any(password in t for t in texts + denied_texts)  # the replies
+        assert not _found_in(directory / "state", password)  # the store, outputs, screens
+        _two_allowed_rows_name_the_secret(directory / "state")
