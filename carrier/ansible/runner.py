@@ -66,6 +66,10 @@ class RunSpec:
     timeout: int | None = None
     verbosity: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    #: The execution node running this (``carrier.nodes.pool.Node.to_dict``); None: on the controller.
+    node: dict[str, Any] | None = None
+    #: Carrier's state directory (the node run reaches the node through its ssh masters).
+    state_dir: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

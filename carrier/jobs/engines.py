@@ -5,7 +5,9 @@ engine warms the hosts' ControlPersist masters, starts the worker, then tails it
 job's stream until the worker ends, and judges the result. After a restart ``resume`` finds the
 worker by pid and start time and goes on tailing from the stored cursor; a worker that vanished
 without a result makes the job ``lost``. Exec jobs use the fast path in-process: they are short,
-so a restart in the middle of one marks it ``lost``.
+so a restart in the middle of one marks it ``lost``. A playbook or adhoc job whose hosts are all
+served by one execution node is placed there at submit (``spec.node``); its worker then runs the
+play on the node (``carrier.nodes``) and the engine tails it exactly like a local one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ from carrier.ansible.fastpath import ExecResult, exec_on_hosts
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl, remote_command
 from carrier.jobs.manager import JobContext, Outcome, Submission
+from carrier.nodes.pool import Node, NodePool
+from carrier.nodes.stream import NODE_LOST
 from carrier.store import EventRecord, JobRecord
 from carrier.store.jobruns import JobRunRecord
 
@@ -87,10 +92,26 @@ class _RunnerEngine:
     kind = ""
     detachable = True
 
-    def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True) -> None:
+    def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True,
+                 nodes: NodePool | None = None) -> None:
         self.inventory = inventory
         self.ssh = ssh
         self.warm_masters = warm_masters
+        self.nodes = nodes
+
+    def _placed(self, spec: dict[str, Any], hosts: Sequence[str]) -> dict[str, Any]:
+        """``spec`` with the execution node serving all of ``hosts``, when one does."""
+        node = self.nodes.node_for(hosts) if self.nodes is not None else None
+        return {**spec, "node": node.name} if node is not None else spec
+
+    def _node(self, ctx: JobContext) -> Node | None:
+        name = ctx.job.spec.get("node")
+        if not name:
+            return None
+        node = self.nodes.get(str(name)) if self.nodes is not None else None
+        if node is None:
+            raise EngineError(f"execution node {name!r} is no longer configured: the job was queued for it")
+        return node
 
     # ----------------------------------------------------------------- helpers
 
@@ -132,11 +153,15 @@ class _RunnerEngine:
         if ctx.cancel.is_set():
             who = ctx.cancelled_by or "someone"
             return Outcome("cancelled", "cancelled", f"cancelled by {who} before it started")
-        if self.warm_masters:
+        node = self._node(ctx)
+        spec = self._runspec(ctx)
+        if node is not None:  # the node's ansible reaches the hosts; Carrier reaches the node
+            spec = replace(spec, node=node.to_dict(), state_dir=str(self.ssh.state_dir))
+        elif self.warm_masters:
             self._warm(ctx.hosts)
-        worker = ar.start_worker(ctx.run_dir, self._runspec(ctx))
+        worker = ar.start_worker(ctx.run_dir, spec)
         ctx.set_process(worker.pid, worker.start)
-        ctx.emit("runner.started", {"pid": worker.pid})
+        ctx.emit("runner.started", {"pid": worker.pid, **({"node": node.name} if node else {})})
         return self._supervise(ctx, worker)
 
     def _before_start(self, ctx: JobContext) -> Outcome | None:
@@ -210,6 +235,8 @@ class _RunnerEngine:
                                                      f"within {CANCEL_GRACE:g} s and was killed")
         if result is None:
             return self._lost(ctx, f"the ansible-runner worker (pid {worker.pid}) ended without a result")
+        if result.status == NODE_LOST:
+            return Outcome("failed", "node_unreachable", f"failed: {result.error}", result.rc)
         events = _all_events(ctx)
         pairs = [(e.type, e.data) for e in events if e.type.startswith("ansible.")]
         verdict = ar.judge(
@@ -282,7 +309,7 @@ class PlaybookEngine(_RunnerEngine):
             "admin_only": info.admin_only,
             "controller": controller,
         }
-        return Submission(target=limit, spec=spec, hosts=tuple(hosts))
+        return Submission(target=limit, spec=self._placed(spec, hosts), hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"playbook {job.spec.get('playbook', '?')}"
@@ -372,7 +399,7 @@ class AdhocEngine(_RunnerEngine):
             "timeout": _int(request, "timeout", DEFAULT_TIMEOUT, 1, MAX_TIMEOUT),
             "shell": shell,
         }
-        return Submission(target=pattern, spec=spec, hosts=tuple(hosts))
+        return Submission(target=pattern, spec=self._placed(spec, hosts), hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"module {job.spec.get('module', '?')}"
