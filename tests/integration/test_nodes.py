@@ -3,9 +3,12 @@ plays for the ``web`` group through transmit / worker / process over Carrier's s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +18,11 @@ from ansible_support import (
     processes_with_env,
     short_tmpdir,
     until,
+    write_config,
     write_inventory,
     write_playbooks,
 )
+from ruamel.yaml import YAML
 
 from carrier.config import ExecutionNode
 from carrier.jobs.system import JobSystem, assemble_job_system
@@ -58,9 +63,7 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def system(sandbox: Sandbox, workdir: Path) -> Iterator[JobSystem]:
     inventory = write_inventory(sandbox, workdir / "inventory")
-    books = write_playbooks(workdir / "playbooks")
-    (books / "where.yml").write_text(WHERE)
-    (books / "where.meta.yml").write_text(WHERE_META)
+    books = _books(workdir)
     state = workdir / "state"
     js = assemble_job_system(Store.open(state), state, inventory, [books, BUNDLED], poll=0.05,
                              execution_nodes=[NODE], max_jobs=8, max_jobs_per_host=4)
@@ -71,6 +74,13 @@ def system(sandbox: Sandbox, workdir: Path) -> Iterator[JobSystem]:
         js.manager.close()
         js.ssh.close_all()
         js.manager.store.close()
+
+
+def _books(workdir: Path) -> Path:
+    books = write_playbooks(workdir / "playbooks")
+    (books / "where.yml").write_text(WHERE)
+    (books / "where.meta.yml").write_text(WHERE_META)
+    return books
 
 
 def _texts(system: JobSystem, job_id: str) -> list[str]:
@@ -182,3 +192,53 @@ def test_a_node_that_dies_mid_run_ends_the_job_clearly(sandbox: Sandbox, system:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
         hosts.start()
+
+
+def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: JobSystem,
+                                                    workdir: Path) -> None:
+    config = write_config(sandbox, workdir / "carrier.yml", state=workdir / "state",
+                          inventory=workdir / "inventory", playbook_dirs=[_books(workdir), BUNDLED])
+    data = YAML().load(config.read_text())
+    data["execution_nodes"] = [
+        {"name": NODE.name, "target": NODE.target, "groups": list(NODE.groups), "capacity": NODE.capacity,
+         "ansible_runner": NODE.ansible_runner},
+        {"name": "gone", "target": "ghost", "groups": ["lab"]},  # nothing listens there
+    ]
+    with open(config, "w") as fh:
+        YAML().dump(data, fh)
+    view = system.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web1",
+                                       extra_vars={"seconds": 60})
+    try:
+        until(lambda: system.manager.get(view.id).status == "running", 60, "the job running")
+        done = subprocess.run([sys.executable, "-m", "carrier", "nodes", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        exec1 = next(line for line in lines if line.startswith("exec1 "))
+        assert " ok " in exec1 and "groups: web" in exec1 and "running 1/1" in exec1, exec1
+        assert "ansible-runner 2." in exec1
+        assert f"    {view.id}" in lines
+        gone = next(line for line in lines if line.startswith("gone "))
+        assert " DOWN " in gone and "node gone" not in gone and "127.0.0.14" in gone, gone
+        as_json = subprocess.run(
+            [sys.executable, "-m", "carrier", "nodes", "--config", str(config), "--json"],
+            capture_output=True, text=True, timeout=120, check=False)
+        listed = {n["name"]: n for n in json.loads(as_json.stdout)}
+        assert listed["exec1"]["healthy"] is True and listed["exec1"]["running"] == [view.id]
+        assert listed["gone"]["healthy"] is False and listed["gone"]["running"] == []
+    finally:
+        system.manager.kill(view.id, by="test")
+        system.manager.wait(view.id, 60)
+
+
+def test_an_unknown_group_stops_carrier_nodes_with_a_clear_error(sandbox: Sandbox, workdir: Path) -> None:
+    config = write_config(sandbox, workdir / "bad.yml", state=workdir / "state-bad",
+                          inventory=workdir / "inventory", playbook_dirs=[BUNDLED])
+    data = YAML().load(config.read_text())
+    data["execution_nodes"] = [{"name": "exec1", "target": "db1", "groups": ["webz"]}]
+    with open(config, "w") as fh:
+        YAML().dump(data, fh)
+    done = subprocess.run([sys.executable, "-m", "carrier", "nodes", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert "execution_nodes[0] (exec1).groups: no inventory group 'webz'" in done.stderr, done.stderr
