@@ -34,7 +34,7 @@ from carrier.ansible.errors import SshError
 from carrier.ansible.runner import IDENT, RunSpec
 from carrier.ansible.ssh import ansible_ssh_env
 from carrier.nodes.pool import Node
-from carrier.nodes.transport import NodeTransport
+from carrier.nodes.transport import CONTROL_TIMEOUT, PROBE_TIMEOUT, NodeTransport
 
 #: Seconds of a quiet stream between two heartbeat probes of the node.
 HEARTBEAT_INTERVAL = 5.0
@@ -238,7 +238,8 @@ def run_on_node(run_dir: Path, spec: RunSpec, node: Node, transport: NodeTranspo
         proc.kill()
         proc.wait()
     final = next((s for s in reversed(statuses) if s in _FINAL), None)
-    cleaned = _cleanup(transport, node, base)
+    # A node that was lost gets one short try: the job must end in seconds, not wait on it.
+    cleaned = _cleanup(transport, node, base, PROBE_TIMEOUT if final is None else CONTROL_TIMEOUT)
     if final is None:
         why = lost or f"node {node.name} unreachable: the stream ended early (ssh exit {proc.returncode}"
         if not lost:
@@ -253,10 +254,10 @@ def run_on_node(run_dir: Path, spec: RunSpec, node: Node, transport: NodeTranspo
     return NodeResult(final, rc, "" if cleaned else f"node {node.name}: the run directory {base} remains")
 
 
-def _cleanup(transport: NodeTransport, node: Node, base: str) -> bool:
+def _cleanup(transport: NodeTransport, node: Node, base: str, timeout: float) -> bool:
     try:
-        transport.stop_worker(node, base, "KILL")  # stragglers: Ansible's forks and masters there
-        return transport.cleanup(node, base)
+        transport.stop_worker(node, base, "KILL", timeout)  # stragglers: Ansible's forks and masters
+        return transport.cleanup(node, base, timeout)
     except SshError:
         return False
 

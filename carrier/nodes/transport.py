@@ -60,11 +60,12 @@ class NodeTransport(Protocol):
         """Start the worker; its stdout (a pipe) is the worker's stream."""
         ...
 
-    def stop_worker(self, node: Node, base: str, signal_name: str = "TERM") -> int:
+    def stop_worker(self, node: Node, base: str, signal_name: str = "TERM",
+                    timeout: float = CONTROL_TIMEOUT) -> int:
         """Signal the run's processes on the node; return how many were found."""
         ...
 
-    def cleanup(self, node: Node, base: str) -> bool:
+    def cleanup(self, node: Node, base: str, timeout: float = CONTROL_TIMEOUT) -> bool:
         """Delete the run's directory on the node; True when it is gone."""
         ...
 
@@ -104,12 +105,13 @@ class SshTransport:
                            + (f": {detail[-1][:300]}" if detail else ""))
         return done.stdout.decode("utf-8", "replace").strip()
 
-    def stop_worker(self, node: Node, base: str, signal_name: str = "TERM") -> int:
-        found = self._run(node, ["sh", "-c", _STOP, base, signal_name], "stopping the worker")
+    def stop_worker(self, node: Node, base: str, signal_name: str = "TERM",
+                    timeout: float = CONTROL_TIMEOUT) -> int:
+        found = self._run(node, ["sh", "-c", _STOP, base, signal_name], "stopping the worker", timeout)
         return int(found) if found.isdigit() else 0
 
-    def cleanup(self, node: Node, base: str) -> bool:
-        return self._run(node, ["sh", "-c", _CLEAN, base], "deleting the run directory") == "gone"
+    def cleanup(self, node: Node, base: str, timeout: float = CONTROL_TIMEOUT) -> bool:
+        return self._run(node, ["sh", "-c", _CLEAN, base], "deleting the run directory", timeout) == "gone"
 
     def probe(self, node: Node) -> None:
         self._run(node, ["true"], "a heartbeat", PROBE_TIMEOUT)

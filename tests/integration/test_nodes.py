@@ -3,6 +3,7 @@ plays for the ``web`` group through transmit / worker / process over Carrier's s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from ansible_support import (
     BUNDLED,
+    REPO,
     processes_with_env,
     short_tmpdir,
     until,
@@ -194,6 +196,46 @@ def test_a_node_that_dies_mid_run_ends_the_job_clearly(sandbox: Sandbox, system:
         hosts.start()
 
 
+def _carrier(*args: str) -> subprocess.CompletedProcess[str]:
+    """The ``carrier`` CLI as a process, from this tree."""
+    return subprocess.run([sys.executable, "-m", "carrier", *args], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for child in procs.child_pids(pid):
+        out += [child, *_descendants(child)]
+    return out
+
+
+def test_a_node_that_hangs_mid_run_ends_the_job_by_heartbeat(sandbox: Sandbox, system: JobSystem) -> None:
+    view = system.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web1",
+                                       extra_vars={"seconds": 300})
+    until(lambda: any("Sleep" in t for t in _texts(system, view.id)), 120, "the sleep")
+    base = _base(view.id)
+    sshd_pid = procs.read_pid(sandbox.layout.pid_file("sshd-db1"))
+    assert sshd_pid is not None
+    frozen = [sshd_pid, *_descendants(sshd_pid)]
+    try:
+        # The node stops answering but its connection stays up (a hung machine, a dropped route).
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        done = system.manager.wait(view.id, 90)
+        assert done.done, "the job still runs after its node hung"
+        assert (done.status, done.reason) == ("failed", "node_unreachable")
+        assert done.message.startswith("failed: node exec1 unreachable: node exec1: a heartbeat did not "
+                                       "answer within 10 s"), done.message
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        for pid in processes_with_env(NODE_MARK_ENV, base):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+        system.ssh.close_all()  # the master to the thawed node may be half dead: start afresh
+
+
 def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: JobSystem,
                                                     workdir: Path) -> None:
     config = write_config(sandbox, workdir / "carrier.yml", state=workdir / "state",
@@ -210,8 +252,7 @@ def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: J
                                        extra_vars={"seconds": 60})
     try:
         until(lambda: system.manager.get(view.id).status == "running", 60, "the job running")
-        done = subprocess.run([sys.executable, "-m", "carrier", "nodes", "--config", str(config)],
-                              capture_output=True, text=True, timeout=120, check=False)
+        done = _carrier("nodes", "--config", str(config))
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         exec1 = next(line for line in lines if line.startswith("exec1 "))
@@ -220,9 +261,7 @@ def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: J
         assert f"    {view.id}" in lines
         gone = next(line for line in lines if line.startswith("gone "))
         assert " DOWN " in gone and "node gone" not in gone and "127.0.0.14" in gone, gone
-        as_json = subprocess.run(
-            [sys.executable, "-m", "carrier", "nodes", "--config", str(config), "--json"],
-            capture_output=True, text=True, timeout=120, check=False)
+        as_json = _carrier("nodes", "--config", str(config), "--json")
         listed = {n["name"]: n for n in json.loads(as_json.stdout)}
         assert listed["exec1"]["healthy"] is True and listed["exec1"]["running"] == [view.id]
         assert listed["gone"]["healthy"] is False and listed["gone"]["running"] == []
@@ -238,7 +277,6 @@ def test_an_unknown_group_stops_carrier_nodes_with_a_clear_error(sandbox: Sandbo
     data["execution_nodes"] = [{"name": "exec1", "target": "db1", "groups": ["webz"]}]
     with open(config, "w") as fh:
         YAML().dump(data, fh)
-    done = subprocess.run([sys.executable, "-m", "carrier", "nodes", "--config", str(config)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = _carrier("nodes", "--config", str(config))
     assert done.returncode == 1
     assert "execution_nodes[0] (exec1).groups: no inventory group 'webz'" in done.stderr, done.stderr
