@@ -33,6 +33,7 @@ from carrier.ansible.ssh import SshControl, remote_command
 from carrier.jobs.manager import JobContext, Outcome, Submission
 from carrier.nodes.pool import Node, NodePool
 from carrier.nodes.stream import NODE_LOST
+from carrier.nodes.transport import SshTransport
 from carrier.store import EventRecord, JobRecord
 from carrier.store.jobruns import JobRunRecord
 
@@ -222,6 +223,7 @@ class _RunnerEngine:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(worker.pid, signal.SIGKILL)
                 ar.stop_run_processes(ctx.run_dir)
+                self._stop_on_node(ctx)
             if ctx.detach.is_set():
                 return None  # the manager is closing: the worker goes on, the next manager resumes
             ar.reap_children()
@@ -234,6 +236,7 @@ class _RunnerEngine:
             return Outcome("cancelled", "cancelled", f"cancelled by {who}: the run did not stop "
                                                      f"within {CANCEL_GRACE:g} s and was killed")
         if result is None:
+            self._stop_on_node(ctx)  # a node run whose worker died here leaves nothing there either
             return self._lost(ctx, f"the ansible-runner worker (pid {worker.pid}) ended without a result")
         if result.status == NODE_LOST:
             return Outcome("failed", "node_unreachable", f"failed: {result.error}", result.rc)
@@ -249,6 +252,19 @@ class _RunnerEngine:
         if stats is not None:
             summary["recap"] = stats
         return Outcome(verdict.status, verdict.reason, verdict.message, verdict.rc, summary)
+
+    def _stop_on_node(self, ctx: JobContext) -> None:
+        """Kill a node run's processes there and delete its directory (its worker here was killed,
+        so nobody else will)."""
+        name = ctx.job.spec.get("node")
+        node = self.nodes.get(str(name)) if name and self.nodes is not None else None
+        if node is None:
+            return
+        transport = SshTransport(self.ssh)
+        base = node.remote_base(ctx.job.id)
+        with contextlib.suppress(SshError):
+            transport.stop_worker(node, base, "KILL")
+            transport.cleanup(node, base)
 
     def _lost(self, ctx: JobContext, why: str) -> Outcome:
         tail = " ".join(ar.worker_log_tail(ctx.run_dir, 600).split())

@@ -158,6 +158,22 @@ def test_cancel_stops_the_remote_worker_and_its_children(system: JobSystem) -> N
     assert not Path(base).exists()
 
 
+def test_a_killed_local_worker_leaves_nothing_on_the_node(system: JobSystem) -> None:
+    view = system.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web1",
+                                       extra_vars={"seconds": 300})
+    until(lambda: any("Sleep" in t for t in _texts(system, view.id)), 120, "the sleep")
+    base = _base(view.id)
+    remote = processes_with_env(NODE_MARK_ENV, base)
+    assert remote
+    run = system.manager.get(view.id)
+    worker = next(e for e in system.manager.output(run.id, 0, 10_000)[0] if e.type == "runner.started")
+    os.killpg(int(worker.data["pid"]), signal.SIGKILL)  # the controller's half dies, ssh with it
+    done = system.manager.wait(view.id, 60)
+    assert (done.status, done.reason) == ("lost", "lost"), done.message
+    until(lambda: not any(_running(pid) for pid in remote), 10, "the node's processes to end")
+    assert not Path(base).exists()
+
+
 def test_capacity_one_queues_the_second_job(system: JobSystem) -> None:
     first = system.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web1",
                                         extra_vars={"seconds": 4})
