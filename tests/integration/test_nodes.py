@@ -296,3 +296,38 @@ def test_an_unknown_group_stops_carrier_nodes_with_a_clear_error(sandbox: Sandbo
     done = _carrier("nodes", "--config", str(config))
     assert done.returncode == 1
     assert "execution_nodes[0] (exec1).groups: no inventory group 'webz'" in done.stderr, done.stderr
+
+
+def test_a_node_run_survives_a_carrier_restart(system: JobSystem, workdir: Path) -> None:
+    """(``system`` first: it writes the inventory this test shares.)"""
+    state = workdir / "state-restart"
+    inventory = workdir / "inventory"
+    books = _books(workdir)
+
+    def build() -> JobSystem:
+        return assemble_job_system(Store.open(state), state, inventory, [books], poll=0.05,
+                                   execution_nodes=[NODE])
+
+    first = build()
+    first.manager.start()
+    view = first.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web",
+                                      extra_vars={"seconds": 4})
+    until(lambda: any("Sleep" in t for t in _texts(first, view.id)), 120, "the sleep")
+    first.manager.close()  # Carrier stops; the detached worker and the node run go on
+    first.manager.store.close()
+    second = build()
+    try:
+        second.manager.start(adopt=True)
+        assert view.id in second.manager.active()
+        done = second.manager.wait(view.id, 120)
+        events, _ = second.manager.output(view.id, 0, 10_000)
+    finally:
+        second.manager.close()
+        second.ssh.close_all()
+        second.manager.store.close()
+    assert (done.status, done.reason) == ("succeeded", "ok"), done.message
+    types = [e.type for e in events]
+    assert types.count("job.resumed") == 1 and types.count("job.finished") == 1
+    counters = [e.data["counter"] for e in events if e.type.startswith("ansible.")]
+    assert counters == list(range(1, len(counters) + 1))  # none lost, none twice across the restart
+    assert not Path(_base(view.id)).exists()
