@@ -7,9 +7,11 @@ SANDBOX_DIR ?= /var/tmp/carrier-sandbox
 # Servers the sandbox runs and tools the tests drive (real Dovecot, sshd, gpg, swaks, tmux).
 # sudo, python3-apt and systemd (systemd-analyze only; it need not run) serve the Molecule tests;
 # node/npx (Debian's nodejs + npm when missing) runs the MCP Inspector interoperability test;
-# dialog, vim-tiny and procps (top) are the programs the PTY tests drive on the sandbox hosts.
+# dialog, vim-tiny and procps (top) are the programs the PTY tests drive on the sandbox hosts;
+# python3-ansible-runner and ansible-core make a sandbox host an execution node (docs/nodes.md).
 DEB_PACKAGES := dovecot-imapd dovecot-lmtpd openssh-server openssh-client gnupg swaks tmux ca-certificates \
-	sudo python3-apt systemd dialog vim-tiny procps
+	sudo python3-apt systemd dialog vim-tiny procps \
+	python3-ansible-runner ansible-core
 
 .PHONY: help deps venv run test lint unit integration bench sandbox-down clean
 

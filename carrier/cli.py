@@ -25,6 +25,7 @@ class _LazyGroup(click.Group):
         "jobs": "carrier.jobs.cli:jobs_command",
         "job": "carrier.cli:_job_group",
         "hosts": "carrier.jobs.cli:hosts_command",
+        "nodes": "carrier.jobs.cli:nodes_command",
         "playbooks": "carrier.jobs.cli:playbooks_command",
         "enroll": "carrier.auth.cli:enroll",
         "token": "carrier.auth.cli:token",

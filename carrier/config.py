@@ -291,6 +291,19 @@ class Secret:
     vault_file: Path | None = None
     vault_password_file: Path | None = None
     environ: Mapping[str, str] = field(default_factory=_no_env, repr=False, compare=False)
+@dataclass(frozen=True)
+class ExecutionNode:
+    """A machine that runs plays for some inventory groups (``execution_nodes:``; docs/nodes.md)."""
+
+    name: str
+    #: An inventory host name, or ``user@host`` / ``user@host:port`` reached with Carrier's ssh options.
+    target: str
+    groups: tuple[str, ...]
+    capacity: int = 4
+    #: The ``ansible-runner`` command on the node (a bare name found on its PATH, or an absolute path).
+    ansible_runner: str = "ansible-runner"
+    #: Where runs unpack on the node (each in ``<work_dir>/carrier-<job id>``, deleted afterwards).
+    work_dir: str = "/tmp"  # noqa: S108 - a directory on the node; each run makes its own 0700 one
 
 
 def _default_roles() -> Mapping[str, Role]:
@@ -323,6 +336,7 @@ class Config:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     mail: MailSettings = field(default_factory=MailSettings)
     secret_refs: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
+    execution_nodes: tuple[ExecutionNode, ...] = ()
 
     @property
     def default_account(self) -> MailAccount:
@@ -1069,6 +1083,71 @@ _MAIL: Mapping[str, _F] = {
     "body_limit": _F(_int(1000), 20000),
     "max_message_bytes": _F(_int(1024), 10 * 1024 * 1024),
 }
+#: ``user@host[:port]`` or an inventory host name (letters, digits, ``_ . -``); nothing ssh could read
+#: as an option (no leading ``-``, no spaces).
+_NODE_TARGET_RE = re.compile(
+    r"(?:(?P<user>[a-z_][a-z0-9_.-]{0,31})@)?(?P<host>[A-Za-z0-9][A-Za-z0-9_.-]{0,252})(?::(?P<port>\d{1,5}))?"
+)
+_NODE_WORK_DIR_RE = re.compile(r"/[A-Za-z0-9_./-]{0,39}")
+_NODE_RUNNER_RE = re.compile(r"[A-Za-z0-9_.-]+|/[A-Za-z0-9_./-]+")
+
+
+def _node_target(value: Any, at: _At) -> str:
+    text = _str(value, at)
+    match = _NODE_TARGET_RE.fullmatch(text)
+    port = match.group("port") if match else None
+    if match is None or (port is not None and not 1 <= int(port) <= 65535):
+        raise _Invalid(f"{_show(value)} is not a node target: name an inventory host or write "
+                       "user@host (optionally user@host:port)")
+    return text
+
+
+def _node_work_dir(value: Any, at: _At) -> str:
+    text = _str(value, at).rstrip("/") or "/"
+    if not _NODE_WORK_DIR_RE.fullmatch(text) or ".." in text.split("/"):
+        raise _Invalid(f"{_show(value)} is not a work directory: an absolute path of at most 40 "
+                       "characters (letters, digits, _ . - /), short enough for ssh control sockets")
+    return text
+
+
+def _node_runner(value: Any, at: _At) -> str:
+    text = _str(value, at)
+    if not _NODE_RUNNER_RE.fullmatch(text) or ".." in text.split("/"):
+        raise _Invalid(f"{_show(value)} is not a command: give a bare name (ansible-runner) or an "
+                       "absolute path (/opt/runner/bin/ansible-runner)")
+    return text
+
+
+def _check_node(values: dict[str, Any], at: _At) -> None:
+    if "groups" in values and not values["groups"]:
+        at.key("groups").problem("a node must serve at least one inventory group")
+
+
+_NODE: Mapping[str, _F] = {
+    "name": _F(_account_name, _REQUIRED, "a short name such as exec1"),
+    "target": _F(_node_target, _REQUIRED, "an inventory host or user@host"),
+    "groups": _F(_list(_pattern(r"[A-Za-z0-9_.-]+", "a group name")), _REQUIRED,
+                 "the inventory groups whose hosts this node runs plays for"),
+    "capacity": _F(_int(1, 1000, "a number of jobs"), 4),
+    "ansible_runner": _F(_node_runner, "ansible-runner"),
+    "work_dir": _F(_node_work_dir, "/tmp"),  # noqa: S108 - see ExecutionNode.work_dir
+}
+
+
+def _execution_nodes(value: Any, at: _At) -> tuple[ExecutionNode, ...]:
+    nodes: tuple[ExecutionNode, ...] = _list(_section(ExecutionNode, _NODE, check=_check_node))(value, at)
+    first: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        if node.name in first:
+            at.item(index, value).problem(
+                f"duplicate node name {node.name!r} (also execution_nodes[{first[node.name]}]): "
+                "names must be unique")
+        first.setdefault(node.name, index)
+    if len(first) < len(nodes):
+        raise _Reported
+    return nodes
+
+
 _TOP: Mapping[str, _F] = {
     "state_dir": _F(_path),
     "inventory": _F(_inventory, _REQUIRED, "set it to an Ansible inventory file or directory"),
@@ -1088,6 +1167,7 @@ _TOP: Mapping[str, _F] = {
     "logging": _F(_section(LoggingSettings, {"level": _F(_level, "INFO")}), LoggingSettings()),
     "mail": _F(_section(MailSettings, _MAIL), MailSettings()),
     "secrets": _F(_secrets, MappingProxyType({})),
+    "execution_nodes": _F(_execution_nodes, ()),
 }
 
 

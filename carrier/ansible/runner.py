@@ -69,6 +69,10 @@ class RunSpec:
     #: The worker reads a become (sudo) password from its stdin and hands it to Ansible through a
     #: FIFO (``--become-password-file``): it is never written to a file, spec.json or the artifacts.
     become_password: bool = False
+    #: The execution node running this (``carrier.nodes.pool.Node.to_dict``); None: on the controller.
+    node: dict[str, Any] | None = None
+    #: Carrier's state directory (the node run reaches the node through its ssh masters).
+    state_dir: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

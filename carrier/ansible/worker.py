@@ -2,7 +2,8 @@
 
 Started by ``carrier.ansible.runner.start_worker`` in its own session, so it keeps running when
 Carrier stops. It reads ``spec.json``, runs ansible-runner with a cancel callback (SIGTERM or the
-``cancel`` file) polled every ``PEXPECT_TIMEOUT`` seconds, and writes ``result.json`` last.
+``cancel`` file) polled every ``PEXPECT_TIMEOUT`` seconds, and writes ``result.json`` last. When
+the spec names an execution node, the run goes there instead (``carrier.nodes.stream``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -66,6 +68,9 @@ def run(run_dir: Path) -> int:
     def cancel_callback() -> bool:
         return cancelled.is_set() or cancel_file.exists()
 
+    if spec.node is not None:
+        return _run_on_node(run_dir, spec, cancel_callback)
+
     import ansible_runner
 
     cmdline = spec.cmdline()
@@ -117,6 +122,25 @@ def run(run_dir: Path) -> int:
     if result.status in ("canceled", "timeout", "failed"):
         stop_run_processes(run_dir)  # Ansible's forks outlive a killed ansible-playbook
     write_result(run_dir, str(result.status), result.rc)
+    return 0
+
+
+def _run_on_node(run_dir: Path, spec: RunSpec, cancelled: Callable[[], bool]) -> int:
+    """The run on an execution node (``carrier.nodes.stream``), with the same result file."""
+    from carrier.nodes.pool import Node
+    from carrier.nodes.stream import run_on_node
+    from carrier.nodes.transport import transport_for
+
+    assert spec.node is not None
+    try:
+        result = run_on_node(run_dir, spec, Node.from_dict(spec.node), transport_for(Path(spec.state_dir)),
+                             cancelled)
+    except Exception as exc:  # the job must still end, with the reason
+        traceback.print_exc()
+        write_result(run_dir, "error", None, f"{type(exc).__name__}: {exc}")
+        return 1
+    stop_run_processes(run_dir)  # the local ssh client, should it linger
+    write_result(run_dir, result.status, result.rc, result.error)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""CLI commands for jobs: ``run``, ``exec``, ``jobs``, ``job show|output|kill``, ``hosts``, ``playbooks``.
+"""CLI commands for jobs: ``run``, ``exec``, ``jobs``, ``job show|output|kill``, ``hosts``, ``nodes``,
+``playbooks``.
 
 Registered on the main group from ``COMMANDS`` (``carrier.cli._register``)::
 
@@ -300,6 +301,28 @@ def hosts_command(config_path: Path | None, pattern: str, as_json: bool) -> None
         click.echo(f"{host.name:<24} {', '.join(host.groups)}")
 
 
+@click.command("nodes")
+@_config_option
+@_json_option
+@_friendly
+def nodes_command(config_path: Path | None, as_json: bool) -> None:
+    """The execution nodes: target, groups, capacity, health and running jobs."""
+    with open_ops(config_path, start=False) as cli:
+        nodes = cli.ops.nodes(cli.who)
+    if as_json:
+        _dump([n.to_dict() for n in nodes])
+        return
+    if not nodes:
+        click.echo("no execution nodes configured: every job runs on this machine (see docs/nodes.md)")
+        return
+    for node in nodes:
+        state = "ok" if node.healthy else "DOWN"
+        click.echo(f"{node.name:<16} {state:<5} {node.target}  groups: {', '.join(node.groups)}  "
+                   f"running {len(node.running)}/{node.capacity}  {node.detail}")
+        for job_id in node.running:
+            click.echo(f"    {job_id}")
+
+
 @click.command("playbooks")
 @_config_option
 @_json_option
@@ -325,4 +348,5 @@ def _csv(value: str | None) -> tuple[str, ...]:
 
 
 #: Everything to register on the main ``carrier`` group.
-COMMANDS = (run_command, exec_command, jobs_command, job_group, hosts_command, playbooks_command)
+COMMANDS = (run_command, exec_command, jobs_command, job_group, hosts_command, nodes_command,
+            playbooks_command)

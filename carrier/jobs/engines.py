@@ -5,7 +5,9 @@ engine warms the hosts' ControlPersist masters, starts the worker, then tails it
 job's stream until the worker ends, and judges the result. After a restart ``resume`` finds the
 worker by pid and start time and goes on tailing from the stored cursor; a worker that vanished
 without a result makes the job ``lost``. Exec jobs use the fast path in-process: they are short,
-so a restart in the middle of one marks it ``lost``.
+so a restart in the middle of one marks it ``lost``. A playbook or adhoc job whose hosts are all
+served by one execution node is placed there at submit (``spec.node``); its worker then runs the
+play on the node (``carrier.nodes``) and the engine tails it exactly like a local one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from carrier.ansible.ssh import SshControl, remote_command
 from carrier.config import SECRET_NAME
 from carrier.errors import ConfigError
 from carrier.jobs.manager import JobContext, Outcome, Submission
+from carrier.nodes.pool import Node, NodePool
+from carrier.nodes.stream import NODE_LOST
+from carrier.nodes.transport import SshTransport
 from carrier.store import EventRecord, JobRecord
 from carrier.store.jobruns import JobRunRecord
 
@@ -101,12 +106,27 @@ class _RunnerEngine:
     detachable = True
 
     def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True,
-                 secrets: Callable[[str], str] | None = None) -> None:
+                 secrets: Callable[[str], str] | None = None, nodes: NodePool | None = None) -> None:
         self.inventory = inventory
         self.ssh = ssh
         self.warm_masters = warm_masters
         #: Named secret -> value (carrier.secretstore.lookup), read when a run starts.
         self.secrets = secrets
+        self.nodes = nodes
+
+    def _placed(self, spec: dict[str, Any], hosts: Sequence[str]) -> dict[str, Any]:
+        """``spec`` with the execution node serving all of ``hosts``, when one does."""
+        node = self.nodes.node_for(hosts) if self.nodes is not None else None
+        return {**spec, "node": node.name} if node is not None else spec
+
+    def _node(self, ctx: JobContext) -> Node | None:
+        name = ctx.job.spec.get("node")
+        if not name:
+            return None
+        node = self.nodes.get(str(name)) if self.nodes is not None else None
+        if node is None:
+            raise EngineError(f"execution node {name!r} is no longer configured: the job was queued for it")
+        return node
 
     # ----------------------------------------------------------------- helpers
 
@@ -148,24 +168,31 @@ class _RunnerEngine:
         if ctx.cancel.is_set():
             who = ctx.cancelled_by or "someone"
             return Outcome("cancelled", "cancelled", f"cancelled by {who} before it started")
+        node = self._node(ctx)
         name = ctx.job.spec.get("become_secret")
         password: str | None = None
         if name:
+            if node is not None:  # the FIFO hand-over is local to the controller
+                return Outcome("failed", "secret",
+                               f"become secret {name!r} cannot be used on execution node {node.name!r}: "
+                               "run it on the controller (take its group off the node) or without it")
             if self.secrets is None:
                 return Outcome("failed", "secret", f"secret {name!r} is not available to this job system")
             try:
                 password = self.secrets(str(name))
             except ConfigError as exc:  # names the secret and its file, never a value
                 return Outcome("failed", "secret", str(exc))
-        if self.warm_masters:
-            self._warm(ctx.hosts)
         spec = self._runspec(ctx)
+        if node is not None:  # the node's ansible reaches the hosts; Carrier reaches the node
+            spec = replace(spec, node=node.to_dict(), state_dir=str(self.ssh.state_dir))
+        elif self.warm_masters:
+            self._warm(ctx.hosts)
         if password is not None:
             spec = replace(spec, become_password=True)
         worker = ar.start_worker(ctx.run_dir, spec, become_password=password)
         del password
         ctx.set_process(worker.pid, worker.start)
-        ctx.emit("runner.started", {"pid": worker.pid})
+        ctx.emit("runner.started", {"pid": worker.pid, **({"node": node.name} if node else {})})
         return self._supervise(ctx, worker)
 
     def _before_start(self, ctx: JobContext) -> Outcome | None:
@@ -226,6 +253,7 @@ class _RunnerEngine:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(worker.pid, signal.SIGKILL)
                 ar.stop_run_processes(ctx.run_dir)
+                self._stop_on_node(ctx)
             if ctx.detach.is_set():
                 return None  # the manager is closing: the worker goes on, the next manager resumes
             ar.reap_children()
@@ -238,7 +266,10 @@ class _RunnerEngine:
             return Outcome("cancelled", "cancelled", f"cancelled by {who}: the run did not stop "
                                                      f"within {CANCEL_GRACE:g} s and was killed")
         if result is None:
+            self._stop_on_node(ctx)  # a node run whose worker died here leaves nothing there either
             return self._lost(ctx, f"the ansible-runner worker (pid {worker.pid}) ended without a result")
+        if result.status == NODE_LOST:
+            return Outcome("failed", "node_unreachable", f"failed: {result.error}", result.rc)
         events = _all_events(ctx)
         pairs = [(e.type, e.data) for e in events if e.type.startswith("ansible.")]
         verdict = ar.judge(
@@ -251,6 +282,19 @@ class _RunnerEngine:
         if stats is not None:
             summary["recap"] = stats
         return Outcome(verdict.status, verdict.reason, verdict.message, verdict.rc, summary)
+
+    def _stop_on_node(self, ctx: JobContext) -> None:
+        """Kill a node run's processes there and delete its directory (its worker here was killed,
+        so nobody else will)."""
+        name = ctx.job.spec.get("node")
+        node = self.nodes.get(str(name)) if name and self.nodes is not None else None
+        if node is None:
+            return
+        transport = SshTransport(self.ssh)
+        base = node.remote_base(ctx.job.id)
+        with contextlib.suppress(SshError):
+            transport.stop_worker(node, base, "KILL")
+            transport.cleanup(node, base)
 
     def _lost(self, ctx: JobContext, why: str) -> Outcome:
         tail = " ".join(ar.worker_log_tail(ctx.run_dir, 600).split())
@@ -312,7 +356,7 @@ class PlaybookEngine(_RunnerEngine):
             "controller": controller,
             "become_secret": _secret_name(request),
         }
-        return Submission(target=limit, spec=spec, hosts=tuple(hosts))
+        return Submission(target=limit, spec=self._placed(spec, hosts), hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"playbook {job.spec.get('playbook', '?')}"
@@ -403,7 +447,7 @@ class AdhocEngine(_RunnerEngine):
             "shell": shell,
             "become_secret": _secret_name(request),
         }
-        return Submission(target=pattern, spec=spec, hosts=tuple(hosts))
+        return Submission(target=pattern, spec=self._placed(spec, hosts), hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"module {job.spec.get('module', '?')}"

@@ -1,9 +1,10 @@
 """The job manager: one model for playbook, adhoc, exec and pty jobs.
 
 Doors ask the manager, never an engine. The manager owns what every job shares: the record in
-SQLite, events with sequence numbers and cursors, queueing with global and per-host concurrency
-limits (counted in the store, so every Carrier process shares them), cancel, wait, and surviving a
-restart. What a kind of job actually does lives in an **engine** (``Engine`` below):
+SQLite, events with sequence numbers and cursors, queueing with global, per-host and
+per-execution-node concurrency limits (counted in the store, so every Carrier process shares them),
+cancel, wait, and surviving a restart. What a kind of job actually does lives in an **engine**
+(``Engine`` below):
 
 - ``prepare(request)`` checks a request and says what the job targets (hosts, spec), or how it ends
   at once (``Submission.outcome``, e.g. a missing playbook);
@@ -273,6 +274,7 @@ class Manager:
         output_max_bytes: int = 1_048_576,
         keep_runs: int = DEFAULT_KEEP_RUNS,
         poll: float = DEFAULT_POLL,
+        node_capacity: Mapping[str, int] | None = None,
     ) -> None:
         self.store = store
         self.state_dir = Path(state_dir)
@@ -282,6 +284,8 @@ class Manager:
         self.output_max_bytes = output_max_bytes
         self.keep_runs = keep_runs
         self.poll = poll
+        #: Execution node name -> how many of its jobs may run at once (the rest wait, queued).
+        self.node_capacity = dict(node_capacity or {})
         self.engines: dict[str, Engine] = {}
         for engine in engines:
             self.register(engine)
@@ -540,7 +544,8 @@ class Manager:
             if self._stop.is_set():
                 return
             claimed = jobruns.claim_slot(self.store, job_id, max_jobs=self.max_jobs,
-                                         max_per_host=self.max_jobs_per_host)
+                                         max_per_host=self.max_jobs_per_host,
+                                         node_capacity=self.node_capacity)
             if claimed:
                 with self._cond:
                     if job_id in self._queue:

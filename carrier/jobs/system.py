@@ -13,10 +13,11 @@ from carrier import secretstore
 from carrier.ansible.catalog import Catalog
 from carrier.ansible.inventory import Inventory
 from carrier.ansible.ssh import SshControl
-from carrier.config import Config
+from carrier.config import Config, ExecutionNode
 from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
 from carrier.jobs.manager import Engine, Manager
 from carrier.jobs.ptyengine import PtyEngine
+from carrier.nodes.pool import NodePool
 from carrier.store import Store
 
 
@@ -29,6 +30,7 @@ class JobSystem:
     catalog: Catalog
     ssh: SshControl
     pty: PtyEngine
+    nodes: NodePool
 
     def close(self) -> None:
         self.manager.close()
@@ -37,17 +39,21 @@ class JobSystem:
 
 def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
                         playbook_dirs: Sequence[Path], *, secrets: Callable[[str], str] | None = None,
+                        execution_nodes: Sequence[ExecutionNode] = (),
                         **manager_options: Any) -> JobSystem:
     """The one place the engines are put together: playbook, adhoc, exec and pty, sharing one
-    inventory and one set of ssh masters. ``manager_options`` go to ``Manager`` (limits, poll)."""
+    inventory, one set of ssh masters and the execution nodes (ConfigError for a node the inventory
+    cannot back). ``manager_options`` go to ``Manager`` (limits, poll)."""
     inventory = Inventory(inventory_path)
     catalog = Catalog(playbook_dirs)
     ssh = SshControl(state_dir)
+    nodes = NodePool.build(execution_nodes, inventory)
     pty = PtyEngine(inventory, ssh)
-    engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog, secrets=secrets),
-                             AdhocEngine(inventory, ssh, secrets=secrets), ExecEngine(inventory, ssh), pty]
-    manager = Manager(store, state_dir, engines=engines, **manager_options)
-    return JobSystem(manager=manager, inventory=inventory, catalog=catalog, ssh=ssh, pty=pty)
+    engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog, secrets=secrets, nodes=nodes),
+                             AdhocEngine(inventory, ssh, secrets=secrets, nodes=nodes),
+                             ExecEngine(inventory, ssh), pty]
+    manager = Manager(store, state_dir, engines=engines, node_capacity=nodes.capacities(), **manager_options)
+    return JobSystem(manager=manager, inventory=inventory, catalog=catalog, ssh=ssh, pty=pty, nodes=nodes)
 
 
 def build_job_system(config: Config, store: Store) -> JobSystem:
@@ -58,4 +64,5 @@ def build_job_system(config: Config, store: Store) -> JobSystem:
         max_jobs=config.limits.max_jobs,
         max_jobs_per_host=config.limits.max_jobs_per_host,
         output_max_bytes=config.limits.output_max_bytes,
+        execution_nodes=config.execution_nodes,
     )

@@ -170,6 +170,12 @@ def register(server: MCPServer, context: ServerContext) -> None:
         return {"masters": [{"host": m.host, "running": m.running, "pid": m.pid, "detail": m.detail}
                             for m in masters]}
 
+    @server.tool(name="nodes_list", annotations=READ_ONLY)
+    @tool_errors
+    def nodes_list(ctx: Context) -> dict[str, Any]:
+        """Execution nodes: groups served, capacity, health (ansible-runner --version), running jobs."""
+        return {"nodes": [n.to_dict() for n in ops().nodes(caller(ctx, config), tool="nodes_list")]}
+
     @server.tool(name="ssh_disconnect", annotations=CONTROLS)
     @tool_errors
     def ssh_disconnect(

@@ -38,6 +38,7 @@ from carrier.jobs.pty import OutputRead, WaitResult
 from carrier.jobs.ptyengine import PtyJobs
 from carrier.jobs.screen import ScreenView
 from carrier.jobs.system import JobSystem
+from carrier.nodes.status import NodeStatus
 from carrier.ops.errors import Denied, OpsError
 from carrier.ops.pages import EventPage, read_events
 from carrier.store import EventRecord, Store, TokenRecord, approvals
@@ -654,6 +655,15 @@ class Ops:
 
         self.decide(who, Request("inventory", tool=tool))
         return ssh_list(self.jobs.ssh, self.jobs.inventory)
+
+    def nodes(self, who: Identity, *, tool: str | None = None) -> list[NodeStatus]:
+        """The execution nodes: health (``ansible-runner --version`` over the master) and running jobs."""
+        from carrier.nodes.status import node_status
+        from carrier.nodes.transport import SshTransport
+        from carrier.store import jobruns
+
+        self.decide(who, Request("inventory", tool=tool))
+        return node_status(self.jobs.nodes, SshTransport(self.jobs.ssh), jobruns.running_on_nodes(self.store))
 
     def ssh_disconnect(self, who: Identity, host: str, *, tool: str | None = None) -> bool:
         """Close one host's ssh master (True when one ran)."""

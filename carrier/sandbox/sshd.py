@@ -166,6 +166,9 @@ class SshHosts:
         key = self.layout.ssh_client_key
         _ensure_key(keygen, key, comment="carrier-sandbox-client")
         key.chmod(0o600)
+        # Owned by the login user: a sandbox host acting as an execution node (docs/nodes.md) logs
+        # in to the others with it too. Carrier (root) still may use it: ssh checks only its own keys' modes.
+        os.chown(key, account.pw_uid, account.pw_gid)
         public = key.with_name(key.name + ".pub").read_text().strip()
         # restrict: no forwarding of any kind, no ~/.ssh/rc; pty back on for PTY jobs.
         _write_text(self.authorized_keys, f"restrict,pty {public}\n", 0o644)

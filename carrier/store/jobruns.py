@@ -118,15 +118,42 @@ def update_job_run(
     return cur.rowcount == 1
 
 
-def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int) -> bool:
-    """Move a queued job to ``running`` if a global slot and a slot on each of its hosts are free.
+def _node_of(spec_text: str | None) -> str | None:
+    """The execution node a job's spec names (``spec.node``), read in Python: no dialect's JSON
+    functions in SQL."""
+    try:
+        spec = json.loads(spec_text or "{}")
+    except ValueError:
+        return None
+    node = spec.get("node") if isinstance(spec, dict) else None
+    return str(node) if node else None
+
+
+def running_on_nodes(store: Store) -> dict[str, list[str]]:
+    """Running jobs per execution node (node name -> job ids, oldest first)."""
+    rows = store._conn().execute(
+        "SELECT id, spec FROM jobs WHERE status = 'running' AND kind IN ('playbook', 'adhoc') "
+        "ORDER BY created_at"
+    ).fetchall()
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        node = _node_of(row["spec"])
+        if node is not None:
+            out.setdefault(node, []).append(str(row["id"]))
+    return out
+
+
+def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int,
+               node_capacity: Mapping[str, int] | None = None) -> bool:
+    """Move a queued job to ``running`` if a global slot, a slot on each of its hosts and, for a job
+    placed on an execution node, a slot on that node (``node_capacity``) are free.
 
     Counts every running job in the store (all Carrier processes share the limits).
     """
     check_job_id(job_id)
     with store.transaction() as conn:
         row = conn.execute(
-            "SELECT j.status, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?",
+            "SELECT j.status, j.spec, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?",
             (job_id,),
         ).fetchone()
         if row is None or row["status"] != "queued":
@@ -146,6 +173,13 @@ def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int) -
         ).fetchone()
         if busy is not None:
             return False
+        node = _node_of(row["spec"])
+        if node is not None and node_capacity and node in node_capacity:
+            running = conn.execute(
+                "SELECT spec FROM jobs WHERE status = 'running' AND kind IN ('playbook', 'adhoc')"
+            ).fetchall()
+            if sum(_node_of(r["spec"]) == node for r in running) >= node_capacity[node]:
+                return False
         now = store.clock()
         conn.execute(
             "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?) "

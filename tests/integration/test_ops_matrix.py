@@ -374,6 +374,7 @@ TOOL_ARGS: dict[str, dict[str, Any]] = {
     "inventory_hosts": {},
     "playbook_list": {},
     "ssh_list": {},
+    "nodes_list": {},
     "job_list": {},
     "playbook_run": {"playbook": "ping", "limit": "web1"},
     "ssh_exec": {"host_or_pattern": "web1", "command": "true"},
