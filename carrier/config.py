@@ -91,6 +91,18 @@ class Folders:
     junk: str = "Junk"
 
 
+#: The ID fields RFC 2971 allows a client to send (each value at most 1024 characters).
+IMAP_ID_FIELDS = ("name", "version", "os", "os-version", "vendor", "support-url", "address", "date",
+                  "command", "arguments", "environment")
+
+
+def default_imap_id() -> Mapping[str, str]:
+    """What Carrier says it is when an account does not configure ``imap_id``."""
+    from carrier import __version__
+
+    return MappingProxyType({"name": "Carrier", "version": __version__, "vendor": "Carrier"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class MailAccount:
     name: str
@@ -108,6 +120,13 @@ class MailAccount:
     #: Whether mail to this account is read as commands (the listener runs only where true).
     #: Default: true for the first account only, so an account for the MCP mail tools runs nothing.
     commands: bool = True
+    #: RFC 2971 ID fields sent after login when the server offers ID (163/126 refuse SELECT without
+    #: it); None (``imap_id: false``): no ID is sent.
+    imap_id: Mapping[str, str] | None = field(default_factory=lambda: default_imap_id())
+    #: APPEND a copy of every mail Carrier sends (tools and command replies) to the Sent folder.
+    save_sent: bool = True
+    #: The mail tools only read this mailbox: every tool that sends or changes mail is refused.
+    read_only: bool = False
     #: ``EMAIL_PASS``, kept in memory only; wins over password_env / password_file.
     password_override: str | None = field(default=None, repr=False, compare=False)
     #: The environment ``password_env`` is looked up in (the one given to :func:`load_config`).
@@ -841,6 +860,26 @@ def _check_password(values: dict[str, Any], at: _At) -> None:
             at.key("password_env" if env_name else "password_file").problem(str(exc))
 
 
+def _imap_id(value: Any, at: _At) -> Mapping[str, str] | None:
+    """``imap_id``: false (send none), true (the default fields), or a mapping of RFC 2971 fields."""
+    if isinstance(value, bool):
+        return default_imap_id() if value else None
+    if not isinstance(value, Mapping) or not value:
+        raise _Invalid(f"expected false, true or a mapping such as {{name: Carrier, version: '1.0'}}, "
+                       f"got {_show(value)}")
+    out: dict[str, str] = {}
+    for key, text in value.items():
+        if str(key) not in IMAP_ID_FIELDS:
+            raise _Invalid(f"unknown ID field {str(key)!r} (RFC 2971 fields: {', '.join(IMAP_ID_FIELDS)})")
+        if isinstance(text, bool) or not isinstance(text, str | int | float):
+            raise _Invalid(f"ID field {key} must be text, got {_show(text)}")
+        shown = str(text)
+        if not shown.isprintable() or len(shown) > 1024 or not shown.strip():
+            raise _Invalid(f"ID field {key} must be printable text of 1-1024 characters on one line")
+        out[str(key)] = shown
+    return MappingProxyType(out)
+
+
 _ACCOUNT: Mapping[str, _F] = {
     "name": _F(_account_name, _REQUIRED, "a short name such as carrier"),
     "address": _F(_email, _REQUIRED, "the account's mail address (or set EMAIL_USER)"),
@@ -858,6 +897,9 @@ _ACCOUNT: Mapping[str, _F] = {
     "idle": _F(_bool, True),
     "check_interval": _F(_positive, 60),
     "commands": _F(_bool, None),  # None: true for the first account only (see _check_password)
+    "imap_id": _F(_imap_id, default_imap_id()),
+    "save_sent": _F(_bool, True),
+    "read_only": _F(_bool, False),
 }
 
 

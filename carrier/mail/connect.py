@@ -3,6 +3,7 @@ an account's TLS mode, port and credentials onto imapclient and smtplib."""
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import socket
 import ssl
@@ -14,6 +15,7 @@ from carrier.errors import CarrierError
 from carrier.tls import client_context
 
 DEFAULT_TIMEOUT = 30.0
+log = logging.getLogger(__name__)
 _TLS_HINT = "trust the server's certificate with ca_file (or allow_self_signed)"
 
 
@@ -49,6 +51,7 @@ def imap_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> I
         raise MailConnectError(f"{where}: no usable IMAP session ({exc}): is it an IMAP server?") from None
     try:
         client.login(account.username, account.password())
+        send_imap_id(client, account)
     except IMAPClient.AbortError as exc:
         _close_imap(client)
         raise MailConnectError(f"{where}: connection lost while logging in ({exc})") from None
@@ -59,6 +62,24 @@ def imap_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> I
         _close_imap(client)
         raise MailConnectError(f"{where}: connection lost while logging in ({exc})") from None
     return client
+
+
+def send_imap_id(client: IMAPClient, account: MailAccount) -> dict[str, str] | None:
+    """RFC 2971 ID with the account's ``imap_id`` fields, when it has some and the server offers ID
+    (163/126 mail refuse SELECT until a client has said who it is). Returns what the server said
+    of itself; a refusal is logged, not fatal (ID is advisory everywhere else)."""
+    if not account.imap_id or not client.has_capability("ID"):
+        return None
+    try:
+        answer = client.id_(dict(account.imap_id))
+    except IMAPClient.AbortError:
+        raise
+    except IMAPClient.Error as exc:
+        log.warning("the IMAP server refused ID", extra={"account": account.name, "error": str(exc)[:200]})
+        return None
+    items = list(answer[0]) if answer and isinstance(answer[0], tuple | list) else []
+    text = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in items]
+    return dict(zip(text[0::2], text[1::2], strict=False))
 
 
 def _close_imap(client: IMAPClient) -> None:

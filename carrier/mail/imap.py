@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from imapclient import IMAPClient
@@ -417,6 +418,15 @@ def special_folder(client: IMAPClient, flag: str, configured: str | None) -> str
             if folder.name == configured and folder.selectable:
                 return folder.name
     return None
+
+
+def save_sent_copy(client: IMAPClient, account: MailAccount, data: bytes, when: datetime) -> str | None:
+    """APPEND ``data`` (a message Carrier sent) to the account's Sent folder, marked \\Seen: the folder
+    with SPECIAL-USE \\Sent, else ``folders.sent`` when it exists. Returns the folder, None if none."""
+    sent = special_folder(client, "\\Sent", account.folders.sent)
+    if sent is not None:
+        client.append(sent, data, flags=[b"\\Seen"], msg_time=when)
+    return sent
 
 
 #: Untagged responses that mean the selected mailbox changed (new mail, expunges).

@@ -25,11 +25,13 @@ import re
 import smtplib
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 
 from carrier.config import Config, MailAccount
 from carrier.errors import CarrierError
-from carrier.mail.connect import MailConnectError, smtp_connect
+from carrier.mail.connect import MailConnectError, imap_connect, smtp_connect
+from carrier.mail.imap import save_sent_copy
 from carrier.mail.lease import owner_alive, owner_token
 from carrier.store import OutboxRecord, Store
 from carrier.store import gateway as sql
@@ -133,6 +135,18 @@ def smtp_send_raw(
 
 
 Sender = Callable[[MailAccount, bytes, Sequence[str]], None]
+#: Saves a sent message to the account's Sent folder; returns the folder (None: there is none).
+Saver = Callable[[MailAccount, bytes], "str | None"]
+
+
+def imap_save_sent(account: MailAccount, raw: bytes, *, timeout: float = 30.0) -> str | None:
+    """APPEND ``raw`` to the account's Sent folder over a connection of its own."""
+    client = imap_connect(account, timeout=timeout)
+    try:
+        return save_sent_copy(client, account, raw, datetime.now(UTC))
+    finally:
+        with contextlib.suppress(Exception):
+            client.logout()
 
 
 class Outbox:
@@ -144,6 +158,7 @@ class Outbox:
         store: Store,
         *,
         send: Sender | None = None,
+        save_sent: Saver | None = None,
         base: float = BACKOFF_BASE,
         cap: float = BACKOFF_MAX,
         owner: str | None = None,
@@ -155,6 +170,7 @@ class Outbox:
         #: Due rows left waiting for another mail of their thread in the last pass.
         self.held: set[int] = set()
         self._send = send or (lambda account, raw, rcpts: smtp_send_raw(account, raw, rcpts))
+        self._save_sent = save_sent or imap_save_sent
         self.base = base
         self.cap = cap
         #: Set to make the sender loop look at the queue now (a reply was just queued).
@@ -203,7 +219,28 @@ class Outbox:
             return False
         self.store.outbox_mark_sent(record.id)
         log.info("reply sent", extra={"outbox": record.id, "message_id": record.message_id})
+        if account.save_sent:
+            self._copy_to_sent(account, record)
         return True
+
+    def _copy_to_sent(self, account: MailAccount, record: OutboxRecord) -> None:
+        """The Sent copy of a row already marked sent: a failure is logged, the mail never goes again."""
+        try:
+            folder = self._save_sent(account, record.raw)
+        except Exception as exc:  # the mail is out; nothing here may undo or repeat that
+            log.error(
+                "reply sent, but its copy was not saved to Sent",
+                extra={"outbox": record.id, "account": account.name, "message_id": record.message_id,
+                       "error": str(exc)[:300]},
+            )
+            return
+        if folder is None:
+            log.warning(
+                "reply sent, but the account has no Sent folder for its copy",
+                extra={"outbox": record.id, "account": account.name,
+                       "hint": f"no \\Sent SPECIAL-USE folder and no folder {account.folders.sent!r}: "
+                               "create it, set folders.sent, or save_sent: false"},
+            )
 
     def take_over_dead_claims(self) -> int:
         """Make rows claimed by senders that no longer run due now; return how many."""

@@ -815,36 +815,44 @@ class MailService:
         return tuple(out)
 
     def _deliver(self, account: MailAccount, draft: Draft, what: str) -> SendResult:
-        """Compose, send, and save a copy to Sent (SPECIAL-USE \\Sent, else folders.sent)."""
+        """Compose ``draft`` and send it (see :meth:`_send_message`)."""
         sent_at = datetime.now(UTC).replace(microsecond=0)
         try:
             message: EmailMessage = compose(draft, now=sent_at)
         except ComposeError as exc:
             raise MailInputError(str(exc)) from None
+        return self._send_message(account, message, envelope_recipients(draft), sent_at, what)
+
+    def _send_message(
+        self, account: MailAccount, message: EmailMessage, recipients: Sequence[str], sent_at: datetime,
+        what: str,
+    ) -> SendResult:
+        """Send, then save a copy to Sent when the account's ``save_sent`` is on. The copy is made
+        after the server took the message: a failed copy is a warning, never a second send."""
         data = to_bytes(message)
         if len(data) > MAX_MESSAGE_BYTES:
             raise MailInputError(
                 f"the message would be {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte cap"
             )
-        recipients = envelope_recipients(draft)
         refused = smtp.send(account, message, recipients)
         warnings = [f"refused by the server: {addr} ({reply})" for addr, reply in refused.items()]
-
-        def save(client: IMAPClient) -> str | None:
-            sent = imap.special_folder(client, "\\Sent", account.folders.sent)
-            if sent is not None:
-                client.append(sent, data, flags=[b"\\Seen"], msg_time=sent_at)
-            return sent
-
         saved: str | None = None
-        try:
-            saved = self._run(account, f"{what} (saving to Sent)", save, retry=False)
-            if saved is None:
-                warnings.append(
-                    f"sent, but no Sent folder found (no \\Sent SPECIAL-USE and no {account.folders.sent!r})"
+        if account.save_sent:
+            try:
+                saved = self._run(
+                    account, f"{what} (saving to Sent)",
+                    lambda client: imap.save_sent_copy(client, account, data, sent_at), retry=False,
                 )
-        except CarrierError as exc:
-            warnings.append(f"sent, but the copy was not saved to Sent: {exc}")
+                if saved is None:
+                    warnings.append(
+                        f"sent, but no Sent folder found (no \\Sent SPECIAL-USE and no "
+                        f"{account.folders.sent!r})"
+                    )
+            except CarrierError as exc:
+                warnings.append(f"sent, but the copy was not saved to Sent: {exc}")
+            if saved is None:
+                log.warning("sent copy not saved", extra={"account": account.name, "what": what,
+                                                          "warning": warnings[-1]})
         return SendResult(
             account=account.name,
             message_id=str(message["Message-ID"]),

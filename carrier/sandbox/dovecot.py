@@ -196,6 +196,10 @@ service lmtp {{
     port = {p.lmtp}
   }}
 }}
+# Log the RFC 2971 ID a client sends (tests check Carrier's).
+protocol imap {{
+  imap_id_log = *
+}}
 protocol lmtp {{
   postmaster_address = postmaster@{DOMAIN}
 }}
