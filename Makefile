@@ -9,7 +9,7 @@ SANDBOX_DIR ?= /var/tmp/carrier-sandbox
 # node/npx (Debian's nodejs + npm when missing) runs the MCP Inspector interoperability test;
 # dialog, vim-tiny and procps (top) are the programs the PTY tests drive on the sandbox hosts.
 DEB_PACKAGES := dovecot-imapd dovecot-lmtpd openssh-server openssh-client gnupg swaks tmux ca-certificates \
-	sudo python3-apt systemd dialog vim-tiny procps
+	sudo python3-apt systemd dialog vim-tiny procps postgresql
 
 .PHONY: help deps venv run test lint unit integration bench sandbox-down clean
 

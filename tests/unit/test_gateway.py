@@ -87,10 +87,11 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-def test_outbox_retries_until_sent_and_never_twice(config: Path, tmp_path: Path) -> None:
+def test_outbox_retries_until_sent_and_never_twice(config: Path, tmp_path: Path,
+                                                   store_url: str | None) -> None:
     now = [1000.0]
     cfg = load_config(config, {})
-    store = Store.open(tmp_path / "state", clock=lambda: now[0])
+    store = Store.open(tmp_path / "state", clock=lambda: now[0], url=store_url)
     sent: list[bytes] = []
     failures = [2]
 
@@ -119,9 +120,10 @@ def test_outbox_retries_until_sent_and_never_twice(config: Path, tmp_path: Path)
     store.close()
 
 
-def test_outbox_permanent_refusal_is_kept_as_failed(config: Path, tmp_path: Path) -> None:
+def test_outbox_permanent_refusal_is_kept_as_failed(config: Path, tmp_path: Path,
+                                                    store_url: str | None) -> None:
     cfg = load_config(config, {})
-    store = Store.open(tmp_path / "state")
+    store = Store.open(tmp_path / "state", url=store_url)
 
     def send(account: object, raw: bytes, rcpts: Sequence[str]) -> None:
         raise PermanentFailure("550 no such user")
@@ -138,9 +140,10 @@ def reply_bytes(thread: str, text: str) -> bytes:
     return f"From: carrier@example.test\r\nIn-Reply-To: {thread}\r\n\r\n{text}".encode()
 
 
-def test_a_dead_senders_claim_is_taken_over_at_once(config: Path, tmp_path: Path) -> None:
+def test_a_dead_senders_claim_is_taken_over_at_once(config: Path, tmp_path: Path,
+                                                     store_url: str | None) -> None:
     cfg = load_config(config, {})
-    store = Store.open(tmp_path / "state")
+    store = Store.open(tmp_path / "state", url=store_url)
     sent: list[bytes] = []
     box = Outbox(cfg, store, send=lambda account, raw, rcpts: sent.append(raw))
     oid = box.queue("carrier", "<ack@example.test>", ["ops@example.test"], b"ack")

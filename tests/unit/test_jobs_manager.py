@@ -111,8 +111,8 @@ class ScriptEngine:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state")
+def store(tmp_path: Path, store_url: str | None) -> Iterator[Store]:
+    s = Store.open(tmp_path / "state", url=store_url)
     yield s
     s.close()
 
