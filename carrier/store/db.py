@@ -587,11 +587,15 @@ class Store:
             holder.conn.lock(name)
             holder.locks.add(name)
 
+    def skip_locked(self, table: str) -> str:
+        """`` FOR UPDATE OF table SKIP LOCKED`` on PostgreSQL (a row another instance is claiming
+        is passed over, not waited for); empty on SQLite, where the write lock already serialises."""
+        return f" FOR UPDATE OF {table} SKIP LOCKED" if self.url is not None else ""
+
     @property
-    def skip_locked(self) -> str:
-        """`` FOR UPDATE SKIP LOCKED`` on PostgreSQL (a row another instance is claiming is
-        passed over, not waited for); empty on SQLite, where the write lock already serialises."""
-        return " FOR UPDATE SKIP LOCKED" if self.url is not None else ""
+    def for_update(self) -> str:
+        """`` FOR UPDATE`` on PostgreSQL (lock the rows read until commit); empty on SQLite."""
+        return " FOR UPDATE" if self.url is not None else ""
 
     # ----------------------------------------------------------------- schema
 
@@ -797,7 +801,8 @@ class Store:
         if not items:
             return []
         now = self.clock()
-        with self.transaction() as conn:
+        # Row locks suffice on PostgreSQL (lock=None): the UPDATE locks the job's row until commit.
+        with self.transaction(lock=None) as conn:
             # The seq is taken from jobs.last_seq under the write lock, so concurrent writers
             # (threads or processes) get distinct, consecutive numbers, committed in order.
             cur = conn.execute("UPDATE jobs SET last_seq = last_seq + ? WHERE id = ?", (len(items), job_id))
