@@ -130,7 +130,7 @@ def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int) -
     with store.transaction(lock=JOB_SLOTS_LOCK) as conn:
         row = conn.execute(
             "SELECT j.status, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?"
-            + store.skip_locked("j"),  # noqa: S608 (a fixed clause)
+            + store.skip_locked("j"),
             (job_id,),
         ).fetchone()
         if row is None or row["status"] != "queued":
