@@ -127,12 +127,9 @@ def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int) -
     ``FOR UPDATE SKIP LOCKED``: a job another instance is claiming or finishing is passed over.
     """
     check_job_id(job_id)
+    sql = "SELECT j.status, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?"
     with store.transaction(lock=JOB_SLOTS_LOCK) as conn:
-        row = conn.execute(
-            "SELECT j.status, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?"
-            + store.skip_locked("j"),
-            (job_id,),
-        ).fetchone()
+        row = conn.execute(sql + store.skip_locked("j"), (job_id,)).fetchone()
         if row is None or row["status"] != "queued":
             return False
         held = conn.execute("SELECT 1 FROM approvals WHERE job_id = ? AND state = 'pending'",
