@@ -10,7 +10,7 @@ SANDBOX_DIR ?= /var/tmp/carrier-sandbox
 # dialog, vim-tiny and procps (top) are the programs the PTY tests drive on the sandbox hosts;
 # python3-ansible-runner and ansible-core make a sandbox host an execution node (docs/nodes.md).
 DEB_PACKAGES := dovecot-imapd dovecot-lmtpd openssh-server openssh-client gnupg swaks tmux ca-certificates \
-	sudo python3-apt systemd dialog vim-tiny procps \
+	sudo python3-apt systemd dialog vim-tiny procps postgresql \
 	python3-ansible-runner ansible-core
 
 .PHONY: help deps venv run test lint unit integration bench sandbox-down clean

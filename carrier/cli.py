@@ -112,12 +112,15 @@ sandbox_dir_option = click.option(
 @click.option("--port-offset", type=click.IntRange(0, 50000), default=None,
               help="Shift every sandbox port (run two sandboxes side by side); default: the "
                    "sandbox's current ports, 0 for a new one.")
+@click.option("--with-postgres", is_flag=True,
+              help="Also run a PostgreSQL cluster on the loopback and point carrier.yml's store.url at "
+                   "it (kept on by later ups until the sandbox is destroyed).")
 @friendly
-def sandbox_up(root: Path | None, port_offset: int | None) -> None:
+def sandbox_up(root: Path | None, port_offset: int | None, with_postgres: bool) -> None:
     """Start the sandbox (idempotent) and write carrier.yml and an inventory."""
     from carrier.sandbox.manager import Sandbox, default_root
 
-    box = Sandbox(root or default_root(), port_offset=port_offset)
+    box = Sandbox(root or default_root(), port_offset=port_offset, with_postgres=with_postgres)
     report = box.up()
     click.echo(report.render())
     click.echo(f"\nconfig: {box.layout.config_file}\nnext:   eval \"$(carrier sandbox env"

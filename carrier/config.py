@@ -234,6 +234,28 @@ class KeyserverSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StoreSettings:
+    """Where Carrier keeps its state: the embedded SQLite file (no ``url``) or PostgreSQL."""
+
+    #: ``postgresql://user@host:port/dbname`` (no password in it); None: ``<state_dir>/carrier.db``.
+    url: str | None = None
+    #: The PostgreSQL password, on one line (mode 0600); or use libpq's ~/.pgpass / PGPASSFILE.
+    password_file: Path | None = None
+
+    def dsn(self) -> str | None:
+        """The URL to connect with (password included: never log it); None for SQLite."""
+        if self.url is None:
+            return None
+        if self.password_file is None:
+            return self.url
+        from urllib.parse import quote
+
+        password = quote(_read_secret_file(self.password_file), safe="")
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.replace('@', f':{password}@', 1)}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuthSettings:
     #: Seconds an enrollment challenge (its single-use nonce) stays valid.
     challenge_ttl: int = 86400
@@ -350,6 +372,7 @@ class Config:
     admin_contacts: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     keyserver: KeyserverSettings = field(default_factory=KeyserverSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     llm: LlmSettings = field(default_factory=LlmSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -1110,6 +1133,36 @@ def _check_llm(values: dict[str, Any], at: _At) -> None:
             at.key("api_key_env" if env_name else "api_key_file").problem(str(exc))
 
 
+def _store_url(value: Any, at: _At) -> str:
+    import re
+
+    text = _str(value, at)
+    match = re.fullmatch(r"(postgresql|postgres)://([^:@/]+)@([^/@]+)/([A-Za-z0-9_]+)(\?[^\s]*)?", text)
+    if re.match(r"[a-z]+://[^/@]*:[^/@]*@", text):
+        raise _Invalid("store.url has a password in it: put the password in store.password_file "
+                       "(mode 0600) or ~/.pgpass and give postgresql://user@host:port/dbname")
+    if match is None:
+        raise _Invalid(f"expected postgresql://user@host:port/dbname, got {_show(value)}; leave store.url "
+                       "out to keep the embedded SQLite file")
+    return text
+
+
+def _check_store(values: dict[str, Any], at: _At) -> None:
+    if values.get("password_file") is not None:
+        if values.get("url") is None:
+            at.problem("store.password_file is set but store.url is not: set the postgresql:// URL")
+            return
+        try:
+            _read_secret_file(values["password_file"])
+        except _Invalid as exc:
+            at.key("password_file").problem(str(exc))
+
+
+_STORE: Mapping[str, _F] = {
+    "url": _F(_store_url),
+    "password_file": _F(_path),
+}
+
 _LLM: Mapping[str, _F] = {
     "enabled": _F(_bool, False),
     "api_url": _F(_url),
@@ -1204,6 +1257,7 @@ _TOP: Mapping[str, _F] = {
     "admin_contacts": _F(_list(_email), ()),
     "limits": _F(_section(Limits, _LIMITS), Limits()),
     "keyserver": _F(_section(KeyserverSettings, _KEYSERVER), KeyserverSettings()),
+    "store": _F(_section(StoreSettings, _STORE, check=_check_store), StoreSettings()),
     "auth": _F(_section(AuthSettings, _AUTH, check=_check_auth), AuthSettings()),
     "llm": _F(_section(LlmSettings, _LLM, _MSG_INLINE_LLM, _check_llm)),
     "logging": _F(_section(LoggingSettings, {"level": _F(_level, "INFO")}), LoggingSettings()),

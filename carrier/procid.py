@@ -12,6 +12,16 @@ def _boot_id() -> str:
         return "unknown-boot"
 
 
+def boot_id() -> str:
+    """This machine's current boot id (``/proc/sys/kernel/random/boot_id``)."""
+    return _boot_id()
+
+
+def on_this_machine(start: str) -> bool:
+    """Whether a ``process_start`` identity was taken on this machine since its last boot."""
+    return start.partition("/")[0] == _boot_id()
+
+
 def process_start(pid: int) -> str | None:
     """``<boot id>/<start time in ticks>`` of a live, non-zombie ``pid``; None when it is gone."""
     try:

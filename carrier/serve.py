@@ -57,7 +57,7 @@ def serve_forever(config_path: Path | None, *, stop: threading.Event | None = No
     """Start Carrier and block until SIGTERM/SIGINT (or ``stop`` is set)."""
     config = load_config(resolve_config_path(config_path, os.environ), os.environ)
     setup_logging(config.logging.level, secrets=config.secrets())
-    store = Store.open(config.state_dir)
+    store = Store.open(config.state_dir, url=config.store.dsn())
     stop = stop or threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,63 @@ def sandbox() -> Iterator[Sandbox]:
     finally:
         box.destroy()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+class PgCluster:
+    """The session's PostgreSQL (the sandbox's own component); ``fresh_url()`` is an empty schema."""
+
+    def __init__(self, component: Any) -> None:
+        self.component = component
+        self._count = 0
+
+    def url(self) -> str:
+        return str(self.component.url())
+
+    def fresh_url(self) -> str:
+        """A URL whose search_path is a new, empty schema: each test gets its own database state."""
+        import secrets
+
+        import psycopg
+
+        self._count += 1
+        schema = f"t{self._count}_{secrets.token_hex(4)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]  # a generated name
+        return f"{self.url()}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A real PostgreSQL (Debian's binaries) started for the session on the sandbox's PostgreSQL
+    port at CARRIER_TEST_PORT_OFFSET, in its own directory; stopped by pid at the end."""
+    from carrier.sandbox.layout import Layout, Ports
+    from carrier.sandbox.postgres import Postgres
+
+    offset = int(os.environ.get("CARRIER_TEST_PORT_OFFSET", "0"))
+    root = Path(tempfile.mkdtemp(prefix="carrier-pg-", dir="/var/tmp"))
+    root.chmod(0o755)
+    component = Postgres(Layout(root, Ports.with_offset(offset)))
+    try:
+        component.prepare()
+        component.start()
+        yield PgCluster(component)
+    finally:
+        component.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A PostgreSQL store URL with a schema of its own (empty)."""
+    return pg_cluster.fresh_url()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Run a store test on both dialects: None (the SQLite file) or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("pg_url"))

@@ -29,7 +29,7 @@ from carrier.store import ENROLLMENT_STATES, Store
 @contextmanager
 def _trust(config_path: Path | None) -> Iterator[Trust]:
     config = load_config(resolve_config_path(config_path, os.environ), os.environ)
-    store = Store.open(config.state_dir)
+    store = Store.open(config.state_dir, url=config.store.dsn())
     try:
         yield Trust(config, store)
     finally:

@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLL = 0.2
 ADOPT_INTERVAL = 5.0
+#: How often a manager renews the lease on the jobs it watches, and after how long without a
+#: renewal another machine's instance takes them over (same machine: the pid tells at once).
+HEARTBEAT_INTERVAL = 5.0
+JOB_LEASE_TTL = 30.0
 DEFAULT_KEEP_RUNS = 200
 #: Event types never slimmed by the output budget (they carry the verdict).
 _ALWAYS_KEPT = ("job.queued", "job.started", "job.finished", "job.cancel", "output.truncated",
@@ -252,11 +256,15 @@ def _self_supervisor() -> tuple[int, str]:
     return pid, process_start(pid) or "unknown"
 
 
-def _supervisor_alive(run: JobRunRecord) -> bool:
-    from carrier.procid import process_start
+def _supervisor_alive(run: JobRunRecord, now: float) -> bool:
+    """Whether the job's supervisor runs: by pid on this machine, by its lease (``heartbeat``)
+    for an instance on another machine sharing the PostgreSQL store."""
+    from carrier.procid import on_this_machine, process_start
 
     if run.supervisor_pid is None:
         return False
+    if not on_this_machine(run.supervisor_start or ""):
+        return now - run.updated_at < JOB_LEASE_TTL
     return process_start(run.supervisor_pid) == run.supervisor_start
 
 
@@ -298,6 +306,7 @@ class Manager:
         self._loop_thread: threading.Thread | None = None
         self._adopt = False
         self._last_adopt = 0.0
+        self._last_beat = 0.0
         self._prune_due = False
 
     # ----------------------------------------------------------------- setup
@@ -490,7 +499,7 @@ class Manager:
             return self.get(job.id)
         run = jobruns.get_job_run(self.store, job.id)
         current = self.store.get_job(job.id)
-        orphan = run is not None and not _supervisor_alive(run)
+        orphan = run is not None and not _supervisor_alive(run, self.store.clock())
         if run is not None and orphan and current is not None and current.status == "running":
             engine = self.engines.get(job.kind)
             # Nobody watches it: stop the run directly; the next manager records the end.
@@ -522,6 +531,9 @@ class Manager:
             try:
                 self._dispatch()
                 self._watch_cancels()
+                if time.monotonic() - self._last_beat >= HEARTBEAT_INTERVAL:
+                    self._last_beat = time.monotonic()
+                    jobruns.heartbeat(self.store, self._supervisor)
                 if self._adopt and time.monotonic() - self._last_adopt >= ADOPT_INTERVAL:
                     self.adopt_orphans()
                 if self._prune_due:
@@ -627,7 +639,7 @@ class Manager:
             with self._cond:
                 if job.id in self._active or job.id in self._queue:
                     continue
-            if _supervisor_alive(run):
+            if _supervisor_alive(run, self.store.clock()):
                 continue
             if not jobruns.set_supervisor(self.store, job.id, self._supervisor,
                                           expect=(run.supervisor_pid, run.supervisor_start)):
@@ -652,7 +664,7 @@ class Manager:
         with self._cond:
             if job.id in self._active or job.id in self._queue:
                 return True
-        if _supervisor_alive(run):
+        if _supervisor_alive(run, self.store.clock()):
             return False
         if not jobruns.set_supervisor(self.store, job.id, self._supervisor,
                                       expect=(run.supervisor_pid, run.supervisor_start)):

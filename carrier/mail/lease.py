@@ -17,11 +17,12 @@ def owner_token() -> str:
 
 def owner_alive(owner: str) -> bool:
     """Whether the process named in ``owner`` still runs (on this machine: same start identity).
-    An owner this process cannot judge (no start identity) counts as alive: its claim runs out."""
-    from carrier.procid import process_start
+    An owner this process cannot judge (no start identity, or another machine's: a second Carrier
+    instance on a shared PostgreSQL store) counts as alive: its claim runs out."""
+    from carrier.procid import on_this_machine, process_start
 
     pid, _, rest = owner.partition("|")
     start = rest.rpartition("|")[0]
-    if not pid.isdigit() or not start or start == "unknown":
+    if not pid.isdigit() or not start or start == "unknown" or not on_this_machine(start):
         return True
     return process_start(int(pid)) == start

@@ -40,7 +40,7 @@ class Services:
     def store(self) -> Store:
         with self._lock:
             if self._store is None:
-                self._store = Store.open(self.config.state_dir)
+                self._store = Store.open(self.config.state_dir, url=self.config.store.dsn())
                 self._owned.append(self._store)
             return self._store
 

@@ -33,6 +33,7 @@ class Ports:
     submission: int = 10587
     keyserver: int = 10080
     ssh: int = 2222
+    postgres: int = 15432
 
     @classmethod
     def with_offset(cls, offset: int) -> Ports:

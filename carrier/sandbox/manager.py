@@ -25,6 +25,7 @@ from carrier.sandbox.dovecot import Dovecot
 from carrier.sandbox.gpg import GpgHomes
 from carrier.sandbox.keyserver import Keyserver
 from carrier.sandbox.layout import GROUPS, HOSTS, IDENTITIES, LOGIN_USER, LOOPBACK, Layout, Ports, address
+from carrier.sandbox.postgres import Postgres
 from carrier.sandbox.smtpd import SmtpRelay
 from carrier.sandbox.sshd import SshHosts
 from carrier.tls import make_self_signed
@@ -140,12 +141,17 @@ def build_inventory(layout: Layout, python: str) -> tuple[dict[str, Any], dict[s
 
 
 def build_config(
-    layout: Layout, *, fingerprints: Mapping[str, str], playbook_dirs: Sequence[Path]
+    layout: Layout, *, fingerprints: Mapping[str, str], playbook_dirs: Sequence[Path],
+    postgres: Postgres | None = None,
 ) -> dict[str, Any]:
     """carrier.yml for the sandbox, with exactly the keys of docs/configuration.md."""
     ports = layout.ports
     carrier = address("carrier")
+    store = {} if postgres is None else {
+        "store": {"url": postgres.url(with_password=False), "password_file": str(postgres.password_file)}
+    }
     return {
+        **store,
         "state_dir": str(layout.carrier_state_dir),
         "inventory": str(layout.inventory_dir),
         "playbook_dirs": [str(p) for p in playbook_dirs],
@@ -241,14 +247,22 @@ class Sandbox:
     an explicit offset that differs from a stopped sandbox's switches it to the new ports.
     """
 
-    def __init__(self, root: Path, port_offset: int | None = None) -> None:
+    def __init__(self, root: Path, port_offset: int | None = None, *, with_postgres: bool = False) -> None:
         self._requested_offset = port_offset
+        self._with_postgres = with_postgres
         self.layout = Layout.load(root, port_offset or 0)
+
+    def postgres(self) -> Postgres | None:
+        """The PostgreSQL component when asked for now or brought up before (its cluster exists)."""
+        pg = Postgres(self.layout)
+        return pg if self._with_postgres or pg.enabled else None
 
     def components(self) -> list[Component]:
         """In start order: Dovecot before SMTP (SMTP delivers into Dovecot's LMTP)."""
         layout = self.layout
-        return [Dovecot(layout), SmtpRelay(layout), Keyserver(layout), SshHosts(layout)]
+        pg = self.postgres()
+        return [Dovecot(layout), SmtpRelay(layout), Keyserver(layout), SshHosts(layout),
+                *([pg] if pg is not None else [])]
 
     def gpg(self) -> GpgHomes:
         return GpgHomes(self.layout)
@@ -340,7 +354,7 @@ class Sandbox:
     def _write_config(self, fingerprints: Mapping[str, str]) -> None:
         playbooks = repo_playbooks()
         data = build_config(self.layout, fingerprints=fingerprints,
-                            playbook_dirs=[playbooks] if playbooks else [])
+                            playbook_dirs=[playbooks] if playbooks else [], postgres=self.postgres())
         header = "# carrier.yml for the sandbox in this directory; rewritten by every `carrier sandbox up`.\n"
         _write_file(self.layout.config_file, dump_yaml(data, header), 0o600)
 

@@ -1,6 +1,7 @@
 """SQL for the trust layer (``carrier.auth``): the audit hash chain, rate-limit buckets, seen signatures.
 
-Functions take the process's ``Store`` and run in ``store.transaction()`` (``BEGIN IMMEDIATE``), so
+Functions take the process's ``Store`` and run in ``store.transaction()`` (``BEGIN IMMEDIATE``; the audit
+chain on PostgreSQL under its own advisory lock, so concurrent instances append to one chain), so
 each read-modify-write is atomic across threads and processes. The tables come from schema
 migrations 2 and 6. What a hash covers and what a bucket means is decided in ``carrier.auth``; this module
 only keeps the rows consistent.
@@ -9,13 +10,13 @@ only keeps the rows consistent.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from carrier.store import schema
-from carrier.store.db import Store
+from carrier.store.db import Connection, Store
+from carrier.store.dialect import AUDIT_LOCK
 
 #: ``prev_hash`` of the first chained audit row.
 GENESIS_HASH = "0" * 64
@@ -105,7 +106,7 @@ def append_audit(
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string")
     detail_json = _dumps(detail)
-    with store.transaction() as conn:
+    with store.transaction(lock=AUDIT_LOCK) as conn:
         head = conn.execute("SELECT last_hash, row_count FROM audit_head WHERE id = 1").fetchone()
         prev_hash, count = (head[0], int(head[1])) if head is not None else (GENESIS_HASH, 0)
         ts = store.clock()
@@ -130,14 +131,21 @@ def append_audit(
                            scheme)
 
 
-def _keyed(conn: sqlite3.Connection) -> AuditKeyed | None:
+def _keyed(conn: Connection) -> AuditKeyed | None:
     row = conn.execute("SELECT from_id, key_id, mac FROM audit_keyed WHERE id = 1").fetchone()
     return AuditKeyed(int(row[0]), row[1], row[2]) if row is not None else None
 
 
+def _last_issued_id(store: Store) -> str:
+    """SQL for the highest audit id ever handed out (deleted rows included), or 0."""
+    if store.dialect == "postgresql":
+        return ("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM audit_id_seq")
+    return "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'audit'"
+
+
 def read_audit_keyed(store: Store) -> AuditKeyed | None:
     """The switch marker, or None while the chain has never been keyed."""
-    with store.transaction() as conn:
+    with store.transaction(lock=AUDIT_LOCK) as conn:
         return _keyed(conn)
 
 
@@ -147,14 +155,12 @@ def bind_audit_key(
 ) -> AuditKeyed | None:
     """The switch marker. When there is none it is made now, with a keyed MAC on the head (the
     current one, or an empty head), if the table is empty or ``allow_existing_rows``; else None."""
-    with store.transaction() as conn:
+    with store.transaction(lock=AUDIT_LOCK) as conn:
         found = _keyed(conn)
         if found is not None:
             return found
-        last = conn.execute(
-            "SELECT COALESCE(MAX(id), 0), (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence "
-            "WHERE name = 'audit') FROM audit"
-        ).fetchone()
+        sql = f"SELECT COALESCE(MAX(id), 0), ({_last_issued_id(store)}) FROM audit"  # noqa: S608 (fixed)
+        last = conn.execute(sql).fetchone()
         if int(last[0]) and not allow_existing_rows:
             return None
         from_id = max(int(last[0]), int(last[1])) + 1  # AUTOINCREMENT: the next row's id is above both
@@ -174,7 +180,7 @@ def bind_audit_key(
 
 def read_audit_state(store: Store) -> AuditChain:
     """Every audit row (oldest first), the head and the switch marker, read in one transaction."""
-    with store.transaction() as conn:
+    with store.transaction(lock=AUDIT_LOCK) as conn:
         rows = conn.execute(
             "SELECT id, ts, actor, door, action, target, outcome, detail, prev_hash, row_hash, scheme "
             "FROM audit ORDER BY id"

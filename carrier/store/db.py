@@ -49,7 +49,8 @@ from carrier.errors import StoreError
 from carrier.formats import check_enrollment_id as check_enrollment_id
 from carrier.formats import check_job_id as check_job_id
 from carrier.formats import check_token_id as check_token_id
-from carrier.store import schema
+from carrier.store import dialect, schema
+from carrier.store.dialect import PgConnection
 from carrier.store.records import (
     AuditRecord,
     EnrollmentRecord,
@@ -132,7 +133,7 @@ KEEP = _Keep.KEEP
 # --------------------------------------------------------------------------- row conversion
 
 
-def _job(row: sqlite3.Row) -> JobRecord:
+def _job(row: Any) -> JobRecord:
     return JobRecord(
         id=row["id"],
         kind=row["kind"],
@@ -150,13 +151,13 @@ def _job(row: sqlite3.Row) -> JobRecord:
     )
 
 
-def _event(row: sqlite3.Row) -> EventRecord:
+def _event(row: Any) -> EventRecord:
     return EventRecord(
         job_id=row["job_id"], seq=row["seq"], ts=row["ts"], type=row["type"], data=_loads_dict(row["data"])
     )
 
 
-def _message(row: sqlite3.Row) -> MessageRecord:
+def _message(row: Any) -> MessageRecord:
     return MessageRecord(
         account=row["account"],
         message_id=row["message_id"],
@@ -169,7 +170,7 @@ def _message(row: sqlite3.Row) -> MessageRecord:
     )
 
 
-def _enrollment(row: sqlite3.Row) -> EnrollmentRecord:
+def _enrollment(row: Any) -> EnrollmentRecord:
     return EnrollmentRecord(
         id=row["id"],
         email=row["email"],
@@ -184,7 +185,7 @@ def _enrollment(row: sqlite3.Row) -> EnrollmentRecord:
     )
 
 
-def _token(row: sqlite3.Row) -> TokenRecord:
+def _token(row: Any) -> TokenRecord:
     return TokenRecord(
         id=row["id"],
         token_hash=row["token_hash"],
@@ -198,7 +199,7 @@ def _token(row: sqlite3.Row) -> TokenRecord:
     )
 
 
-def _audit(row: sqlite3.Row) -> AuditRecord:
+def _audit(row: Any) -> AuditRecord:
     return AuditRecord(
         id=row["id"],
         ts=row["ts"],
@@ -211,7 +212,7 @@ def _audit(row: sqlite3.Row) -> AuditRecord:
     )
 
 
-def _outbox(row: sqlite3.Row) -> OutboxRecord:
+def _outbox(row: Any) -> OutboxRecord:
     return OutboxRecord(
         id=row["id"],
         account=row["account"],
@@ -287,18 +288,31 @@ def _prepare_file(path: Path) -> None:
 # --------------------------------------------------------------------------- the store
 
 
+#: A connection of either dialect (``PgConnection`` offers the part of sqlite3's interface used here).
+Connection = sqlite3.Connection | PgConnection
+
+#: Tables whose ``id`` is an autoincrement/identity column (an INSERT into them returns its id).
+_IDENTITY_TABLES = dialect.identity_tables(s for m in schema.MIGRATIONS for s in m.statements)
+
+
+def is_postgres_url(url: str | None) -> bool:
+    return url is not None and url.startswith(("postgresql://", "postgres://"))
+
+
 class _Conn:
-    """A thread's connection and how deep its transaction nesting is."""
+    """A thread's connection, how deep its transaction nesting is, and the advisory locks it holds."""
 
-    __slots__ = ("__weakref__", "conn", "depth")
+    __slots__ = ("__weakref__", "conn", "depth", "locks")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.depth = 0
+        self.locks: set[str] = set()
 
 
 class Store:
-    """Carrier's state in ``<state_dir>/carrier.db``. Create with ``Store.open``; thread-safe."""
+    """Carrier's state in ``<state_dir>/carrier.db`` or a PostgreSQL database (``url``).
+    Create with ``Store.open``; thread-safe."""
 
     def __init__(
         self,
@@ -306,8 +320,15 @@ class Store:
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        url: str | None = None,
     ) -> None:
         self.path = path
+        #: The PostgreSQL URL (None: SQLite at ``path``).
+        self.url = url if is_postgres_url(url) else None
+        #: ``sqlite`` or ``postgresql``.
+        self.dialect = "postgresql" if self.url else "sqlite"
+        #: Where the data is, for messages (never with a password).
+        self.where = dialect.redact_url(self.url) if self.url else str(path)
         self.clock = clock
         self._busy_timeout = busy_timeout
         self._local = threading.local()
@@ -324,19 +345,28 @@ class Store:
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        url: str | None = None,
     ) -> Store:
-        """Open (creating if needed) ``state_dir/carrier.db``, switch it to WAL and migrate it.
+        """Open (creating if needed) ``state_dir/carrier.db``, switch it to WAL and migrate it;
+        with a ``postgresql://`` ``url``, that database instead (``store.url`` in carrier.yml).
 
         Raises StoreError with what to do when the directory or file cannot be used, the file is
-        not a SQLite database, or it was written by a newer Carrier.
+        not a SQLite database, the server cannot be reached, or it was written by a newer Carrier.
         """
+        if url is not None and not is_postgres_url(url):
+            raise StoreError(
+                f"store.url {dialect.redact_url(url)!r} is not a postgresql:// URL: give "
+                "postgresql://user@host:port/dbname, or leave store.url out for the embedded SQLite file"
+            )
         state_dir = Path(state_dir)
         _prepare_dir(state_dir)
         path = state_dir / DB_NAME
-        _prepare_file(path)
-        store = cls(path, clock=clock, busy_timeout=busy_timeout)
+        if url is None:
+            _prepare_file(path)
+        store = cls(path, clock=clock, busy_timeout=busy_timeout, url=url)
         try:
-            store._enable_wal()
+            if store.url is None:
+                store._enable_wal()
             store.migrate()
         except BaseException:
             store.close()
@@ -357,7 +387,15 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> Connection:
+        if self.url is not None:
+            try:
+                return dialect.connect_pg(self.url, _IDENTITY_TABLES, timeout=self._busy_timeout)
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"cannot connect to the PostgreSQL store {self.where}: {exc}: check store.url, "
+                    "that the server runs and that the user may log in"
+                ) from exc
         try:
             # check_same_thread=False only so that close() may close it from another thread;
             # each connection is otherwise used by the one thread that opened it.
@@ -397,7 +435,7 @@ class Store:
             self._local.holder = holder
         return holder
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> Connection:
         return self._holder().conn
 
     def _enable_wal(self) -> None:
@@ -433,14 +471,25 @@ class Store:
             )
 
     @contextlib.contextmanager
-    def transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+    def transaction(
+        self, *, durable: bool = False, lock: str | None = dialect.STORE_LOCK
+    ) -> Iterator[Connection]:
         """A write transaction (``BEGIN IMMEDIATE``): commit on success, roll back on exception.
 
         Nested calls on the same thread become savepoints of the outer transaction; durability is
         then the outer transaction's. ``durable=True`` commits with ``synchronous=FULL``.
+
+        On PostgreSQL the transaction first takes the advisory lock ``lock`` (default: the
+        store-wide one, which makes it ``BEGIN IMMEDIATE``: one such writer at a time across every
+        instance); ``lock=None`` relies on row locks alone (the statements must be safe so).
+        A nested call takes its lock if the outer one did not hold it. SQLite ignores ``lock``.
         """
         holder = self._holder()
         conn = holder.conn
+        if isinstance(conn, PgConnection):
+            with self._pg_transaction(holder, conn, lock) as pg:
+                yield pg
+            return
         if holder.depth:
             name = f"carrier_sp{holder.depth}"
             conn.execute(f"SAVEPOINT {name}")
@@ -484,6 +533,70 @@ class Store:
             if durable:
                 conn.execute("PRAGMA synchronous = NORMAL")
 
+    @contextlib.contextmanager
+    def _pg_transaction(self, holder: _Conn, conn: PgConnection, lock: str | None) -> Iterator[PgConnection]:
+        if holder.depth:
+            name = f"carrier_sp{holder.depth}"
+            conn.execute(f"SAVEPOINT {name}")
+            holder.depth += 1
+            try:
+                if lock is not None and lock not in holder.locks:
+                    conn.lock(lock)
+                    holder.locks.add(lock)
+                yield conn
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"ROLLBACK TO {name}")
+                    conn.execute(f"RELEASE {name}")
+                raise
+            else:
+                conn.execute(f"RELEASE {name}")
+            finally:
+                holder.depth -= 1
+            return
+        conn.execute("BEGIN")
+        holder.depth = 1
+        try:
+            if lock is not None:
+                try:
+                    conn.lock(lock)
+                except sqlite3.OperationalError as exc:
+                    raise StoreError(
+                        f"the PostgreSQL store {self.where} stayed locked by another writer for more "
+                        f"than {self._busy_timeout:g} s: check for a stuck Carrier instance"
+                    ) from exc
+                holder.locks.add(lock)
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        finally:
+            holder.depth = 0
+            holder.locks.clear()
+
+    def lock(self, name: str) -> None:
+        """Inside ``transaction()``: also hold the advisory lock ``name`` (PostgreSQL; SQLite holds
+        the one write lock already)."""
+        holder = self._holder()
+        if not holder.depth:
+            raise RuntimeError("Store.lock is for use inside transaction()")
+        if isinstance(holder.conn, PgConnection) and name not in holder.locks:
+            holder.conn.lock(name)
+            holder.locks.add(name)
+
+    def skip_locked(self, table: str) -> str:
+        """`` FOR UPDATE OF table SKIP LOCKED`` on PostgreSQL (a row another instance is claiming
+        is passed over, not waited for); empty on SQLite, where the write lock already serialises."""
+        return f" FOR UPDATE OF {table} SKIP LOCKED" if self.url is not None else ""
+
+    @property
+    def for_update(self) -> str:
+        """`` FOR UPDATE`` on PostgreSQL (lock the rows read until commit); empty on SQLite."""
+        return " FOR UPDATE" if self.url is not None else ""
+
     # ----------------------------------------------------------------- schema
 
     def schema_version(self) -> int:
@@ -498,11 +611,15 @@ class Store:
         after taking the write lock.
         """
         try:
-            self._conn().execute(schema.SCHEMA_VERSION_TABLE)
+            if self.url is not None:
+                with self.transaction() as conn:  # two instances starting at once: one creates it
+                    conn.execute(schema.SCHEMA_VERSION_TABLE)
+            else:
+                self._conn().execute(schema.SCHEMA_VERSION_TABLE)
             current = self.schema_version()
         except sqlite3.DatabaseError as exc:
             raise StoreError(
-                f"{self.path} cannot be used as Carrier's database ({exc}): move it away and start again"
+                f"{self.where} cannot be used as Carrier's database ({exc}): move it away and start again"
             ) from exc
         if current > schema.LATEST_VERSION:
             raise StoreError(
@@ -524,14 +641,17 @@ class Store:
                     )
             except sqlite3.Error as exc:
                 raise StoreError(
-                    f"cannot migrate {self.path} to schema version {migration.version} "
+                    f"cannot migrate {self.where} to schema version {migration.version} "
                     f"({migration.description}): {exc}"
                 ) from exc
             log.info("state store migrated to schema version %d", migration.version)
         return self.schema_version()
 
     def integrity_check(self) -> str:
-        """``ok``, or SQLite's description of what is damaged."""
+        """``ok``, or SQLite's description of what is damaged (PostgreSQL: ``ok`` when it answers)."""
+        if self.url is not None:
+            self._conn().execute("SELECT 1").fetchone()
+            return "ok"
         rows = self._conn().execute("PRAGMA integrity_check").fetchall()
         return "\n".join(str(r[0]) for r in rows)
 
@@ -681,7 +801,8 @@ class Store:
         if not items:
             return []
         now = self.clock()
-        with self.transaction() as conn:
+        # Row locks suffice on PostgreSQL (lock=None): the UPDATE locks the job's row until commit.
+        with self.transaction(lock=None) as conn:
             # The seq is taken from jobs.last_seq under the write lock, so concurrent writers
             # (threads or processes) get distinct, consecutive numbers, committed in order.
             cur = conn.execute("UPDATE jobs SET last_seq = last_seq + ? WHERE id = ?", (len(items), job_id))

@@ -16,6 +16,7 @@ from typing import Any
 
 from carrier.store import schema
 from carrier.store.db import KEEP, Store, _Keep, check_job_id
+from carrier.store.dialect import JOB_SLOTS_LOCK
 from carrier.store.records import JobRecord
 
 
@@ -113,7 +114,7 @@ def update_job_run(
     if not isinstance(summary, _Keep):
         sets.append("summary = ?")
         params.append(_dumps(dict(summary)))
-    with store.transaction() as conn:
+    with store.transaction(lock=None) as conn:  # one row by key: its row lock is enough
         cur = conn.execute(f"UPDATE job_runs SET {', '.join(sets)} WHERE job_id = ?", (*params, job_id))  # noqa: S608
     return cur.rowcount == 1
 
@@ -148,14 +149,14 @@ def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int,
     """Move a queued job to ``running`` if a global slot, a slot on each of its hosts and, for a job
     placed on an execution node, a slot on that node (``node_capacity``) are free.
 
-    Counts every running job in the store (all Carrier processes share the limits).
+    Counts every running job in the store (all Carrier processes share the limits). On PostgreSQL
+    claims serialise on their own advisory lock (the counts stay exact) and the job's row is taken
+    ``FOR UPDATE SKIP LOCKED``: a job another instance is claiming or finishing is passed over.
     """
     check_job_id(job_id)
-    with store.transaction() as conn:
-        row = conn.execute(
-            "SELECT j.status, j.spec, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?",
-            (job_id,),
-        ).fetchone()
+    sql = "SELECT j.status, j.spec, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?"
+    with store.transaction(lock=JOB_SLOTS_LOCK) as conn:
+        row = conn.execute(sql + store.skip_locked("j"), (job_id,)).fetchone()
         if row is None or row["status"] != "queued":
             return False
         held = conn.execute("SELECT 1 FROM approvals WHERE job_id = ? AND state = 'pending'",
@@ -232,6 +233,20 @@ def set_supervisor(
     return cur.rowcount == 1
 
 
+def heartbeat(store: Store, supervisor: tuple[int, str]) -> int:
+    """Renew the lease of every unfinished job ``supervisor`` watches (``updated_at`` = now).
+
+    Instances on other machines cannot look up this process's pid: they judge it by this lease
+    (``carrier.jobs.manager``) and take its jobs over once it has not been renewed for a while.
+    """
+    with store.transaction(lock=None) as conn:
+        return conn.execute(
+            "UPDATE job_runs SET updated_at = ? WHERE supervisor_pid = ? AND supervisor_start = ? "
+            "AND job_id IN (SELECT id FROM jobs WHERE status IN ('queued', 'running'))",
+            (store.clock(), supervisor[0], supervisor[1]),
+        ).rowcount
+
+
 def unfinished(store: Store, kinds: Iterable[str] | None = None) -> list[tuple[JobRecord, JobRunRecord]]:
     """Queued and running jobs with their run rows, oldest first."""
     from carrier.store.db import _job
@@ -256,7 +271,7 @@ def append_with_cursor(
     store: Store, job_id: str, events: Sequence[tuple[str, Mapping[str, Any] | None]], cursor: int
 ) -> list[int]:
     """Append events and move the run's ingest cursor in one transaction (no event twice)."""
-    with store.transaction():
+    with store.transaction(lock=None):  # row locks (job, job_run) only: ingestion is the hot path
         seqs = store.append_events(job_id, events)
         update_job_run(store, job_id, cursor=cursor)
     return seqs
@@ -287,7 +302,9 @@ def finish_job(
     (or, with ``expect``, when the current status is not one of those)."""
     if status not in schema.FINAL_JOB_STATUSES:
         raise ValueError(f"{status!r} is not a final job status")
-    with store.transaction():
+    with store.transaction() as conn:
+        # Lock the job's row first (PostgreSQL): a claim running now cannot change it under us.
+        conn.execute("SELECT status FROM jobs WHERE id = ?" + store.for_update, (job_id,))  # noqa: S608
         current = store.get_job(job_id)
         if current is None or current.status in schema.FINAL_JOB_STATUSES:
             return False

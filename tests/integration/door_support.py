@@ -279,7 +279,7 @@ def local_door(sandbox: Sandbox, *, proposer: Any = None, **extra: Any) -> Itera
     directory = Path(tempfile.mkdtemp(prefix="cdoor-local-", dir="/var/tmp"))
     directory.chmod(0o700)
     config = load_config(door_config(sandbox, directory, **extra), os.environ)
-    store = Store.open(config.state_dir)
+    store = Store.open(config.state_dir, url=config.store.dsn())
     trust = Trust(config, store)
     jobs = build_job_system(config, store)
     jobs.manager.start()

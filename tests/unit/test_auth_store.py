@@ -3,6 +3,7 @@ the local enrollment decisions and the directory of identities."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sqlite3
@@ -10,6 +11,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,8 +25,9 @@ from carrier.auth.ratelimit import RateLimiter, address_key
 from carrier.auth.tokens import Tokens, token_hash
 from carrier.config import Config, load_config
 from carrier.errors import CarrierError
-from carrier.store import DB_NAME, Store
+from carrier.store import Store
 from carrier.store.auth import read_audit_chain, remember_signature
+from carrier.store.dialect import connect_pg
 
 OPS = "89ABCDEF0123456789ABCDEF0123456789ABCDEF"
 ADMIN = "0123456789ABCDEF0123456789ABCDEF01234567"
@@ -52,8 +55,8 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(state_dir: Path, clock: FakeClock) -> Iterator[Store]:
-    s = Store.open(state_dir, clock=clock)
+def store(state_dir: Path, clock: FakeClock, store_url: str | None) -> Iterator[Store]:
+    s = Store.open(state_dir, clock=clock, url=store_url)
     yield s
     s.close()
 
@@ -86,8 +89,21 @@ def config(tmp_path: Path, state_dir: Path) -> Config:
     return load_config(path, {"HOME": str(tmp_path)})
 
 
-def raw(state_dir: Path) -> sqlite3.Connection:
-    return sqlite3.connect(state_dir / DB_NAME, isolation_level=None)
+@contextlib.contextmanager
+def raw(store: Store) -> Iterator[Any]:
+    """A connection of its own to the store's database (an attacker with write access to it)."""
+    if store.url is None:
+        conn = sqlite3.connect(store.path, isolation_level=None)
+        try:
+            yield conn
+        finally:
+            conn.close()
+        return
+    pg = connect_pg(store.url, frozenset(), timeout=10)
+    try:
+        yield pg
+    finally:
+        pg.close()
 
 
 # --------------------------------------------------------------------------- audit chain
@@ -132,7 +148,7 @@ def test_audit_empty_chain_is_ok(store: Store) -> None:
 def test_audit_tampering_is_found(store: Store, state_dir: Path, sql: str, expected: str) -> None:
     audit = Audit(store, AUDIT_KEY)
     fill(audit)
-    with raw(state_dir) as conn:
+    with raw(store) as conn:
         conn.execute(sql)
     report = audit.verify()
     assert not report.ok
@@ -145,7 +161,7 @@ def test_audit_recomputed_row_still_breaks_the_next_link(store: Store, state_dir
     rows, _ = read_audit_chain(store)
     forged = rows[1].__class__(**{**{f: getattr(rows[1], f) for f in rows[1].__slots__}, "outcome": "denied"})
     new_hash = AUDIT_KEY.row_hash(forged.prev_hash or "", forged)  # even with the key
-    with raw(state_dir) as conn:
+    with raw(store) as conn:
         conn.execute("UPDATE audit SET outcome = 'denied', row_hash = ? WHERE id = 2", (new_hash,))
     problems = audit.verify().problems
     assert problems == ["row 3: the chain is broken before it (a row was deleted, inserted or changed)"]
@@ -190,7 +206,7 @@ def test_token_is_random_shown_once_and_stored_as_hash(store: Store, state_dir: 
     issued = t.issue("ops@example.test", "operator", scopes=["tools:jobs", "hosts:web"])
     other = t.issue("ops@example.test", "operator")
     assert len(issued.token) == 43 and issued.token != other.token
-    with raw(state_dir) as conn:
+    with raw(store) as conn:
         dump = "\n".join(str(r) for r in conn.execute("SELECT * FROM tokens"))
     assert issued.token not in dump and token_hash(issued.token) in dump
     identity = t.identity(issued.token)
@@ -256,8 +272,9 @@ def test_revoke_owner(store: Store) -> None:
 # --------------------------------------------------------------------------- rate limits
 
 
-def test_bucket_empties_refills_and_survives_a_restart(state_dir: Path, clock: FakeClock) -> None:
-    store = Store.open(state_dir, clock=clock)
+def test_bucket_empties_refills_and_survives_a_restart(state_dir: Path, clock: FakeClock,
+                                                      store_url: str | None) -> None:
+    store = Store.open(state_dir, clock=clock, url=store_url)
     limiter = RateLimiter(store, rate=3, window=30.0)
     for _ in range(3):
         limiter.check("id:ops")
@@ -266,7 +283,7 @@ def test_bucket_empties_refills_and_survives_a_restart(state_dir: Path, clock: F
     assert err.value.retry_after == pytest.approx(10.0)
     store.close()
     # A restart (new Store, new limiter) keeps the empty bucket.
-    store = Store.open(state_dir, clock=clock)
+    store = Store.open(state_dir, clock=clock, url=store_url)
     limiter = RateLimiter(store, rate=3, window=30.0)
     with pytest.raises(RateLimited):
         limiter.check("id:ops")

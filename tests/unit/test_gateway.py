@@ -14,6 +14,7 @@ from carrier.mail.door import robot_reason
 from carrier.mail.gateway import message_key, reconnect_delay
 from carrier.mail.outbox import ORDER_HOLD_SECONDS, Outbox, PermanentFailure, backoff, held_back, job_of_mail
 from carrier.mail.parse import parse_headers
+from carrier.procid import boot_id
 from carrier.store import Store
 from carrier.store import gateway as sql
 
@@ -87,10 +88,11 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-def test_outbox_retries_until_sent_and_never_twice(config: Path, tmp_path: Path) -> None:
+def test_outbox_retries_until_sent_and_never_twice(config: Path, tmp_path: Path,
+                                                   store_url: str | None) -> None:
     now = [1000.0]
     cfg = load_config(config, {})
-    store = Store.open(tmp_path / "state", clock=lambda: now[0])
+    store = Store.open(tmp_path / "state", clock=lambda: now[0], url=store_url)
     sent: list[bytes] = []
     failures = [2]
 
@@ -119,9 +121,10 @@ def test_outbox_retries_until_sent_and_never_twice(config: Path, tmp_path: Path)
     store.close()
 
 
-def test_outbox_permanent_refusal_is_kept_as_failed(config: Path, tmp_path: Path) -> None:
+def test_outbox_permanent_refusal_is_kept_as_failed(config: Path, tmp_path: Path,
+                                                    store_url: str | None) -> None:
     cfg = load_config(config, {})
-    store = Store.open(tmp_path / "state")
+    store = Store.open(tmp_path / "state", url=store_url)
 
     def send(account: object, raw: bytes, rcpts: Sequence[str]) -> None:
         raise PermanentFailure("550 no such user")
@@ -138,16 +141,18 @@ def reply_bytes(thread: str, text: str) -> bytes:
     return f"From: carrier@example.test\r\nIn-Reply-To: {thread}\r\n\r\n{text}".encode()
 
 
-def test_a_dead_senders_claim_is_taken_over_at_once(config: Path, tmp_path: Path) -> None:
+def test_a_dead_senders_claim_is_taken_over_at_once(config: Path, tmp_path: Path,
+                                                     store_url: str | None) -> None:
     cfg = load_config(config, {})
-    store = Store.open(tmp_path / "state")
+    store = Store.open(tmp_path / "state", url=store_url)
     sent: list[bytes] = []
     box = Outbox(cfg, store, send=lambda account, raw, rcpts: sent.append(raw))
     oid = box.queue("carrier", "<ack@example.test>", ["ops@example.test"], b"ack")
     record = store.outbox_get(oid)
     assert record is not None
-    # A sender (pid 1's start identity never matches this string: it no longer runs) claimed it.
-    dead = "1|not-the-start-of-pid-1|abc"
+    # A sender on this machine (pid 1's start identity never matches this one: it no longer
+    # runs) claimed it.
+    dead = f"1|{boot_id()}/not-the-start-of-pid-1|abc"
     assert sql.claim_outbox(store, oid, record.next_attempt_at, store.clock() + 300, dead)
     assert box.deliver_due() == 1 and sent == [b"ack"]
     # A live sender's claim (this process) is respected until it runs out.
@@ -156,6 +161,13 @@ def test_a_dead_senders_claim_is_taken_over_at_once(config: Path, tmp_path: Path
     record = store.outbox_get(oid2)
     assert record is not None
     assert sql.claim_outbox(store, oid2, record.next_attempt_at, store.clock() + 300, box.owner)
+    assert other.deliver_due() == 0 and sent == [b"ack"]
+    # A sender on another machine (another boot id) cannot be looked up: its claim runs out.
+    oid3 = box.queue("carrier", "<ack3@example.test>", ["ops@example.test"], b"ack3")
+    record = store.outbox_get(oid3)
+    assert record is not None
+    assert sql.claim_outbox(store, oid3, record.next_attempt_at, store.clock() + 300,
+                            "1|another-boot/123|abc")
     assert other.deliver_due() == 0 and sent == [b"ack"]
     store.close()
 

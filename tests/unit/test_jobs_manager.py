@@ -22,7 +22,8 @@ import pytest
 
 from carrier.ansible.runner import ProcessId
 from carrier.jobs.errors import JobError, JobNotFound
-from carrier.jobs.manager import JobContext, Manager, Outcome, Submission
+from carrier.jobs.manager import JOB_LEASE_TTL, JobContext, Manager, Outcome, Submission
+from carrier.procid import boot_id
 from carrier.store import JobRecord, Store, jobruns
 from carrier.store.jobruns import JobRunRecord
 
@@ -111,8 +112,8 @@ class ScriptEngine:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state")
+def store(tmp_path: Path, store_url: str | None) -> Iterator[Store]:
+    s = Store.open(tmp_path / "state", url=store_url)
     yield s
     s.close()
 
@@ -382,12 +383,35 @@ def test_jobs_of_a_dead_carrier_are_adopted(store: Store, tmp_path: Path) -> Non
     queued = submit(queued_only, script="true")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    # The process that supervised the job is gone (its pid no longer runs).
-    jobruns.set_supervisor(store, queued, (dead.pid, "gone/0"))
+    # The process that supervised the job is gone (its pid no longer runs on this machine).
+    jobruns.set_supervisor(store, queued, (dead.pid, f"{boot_id()}/0"))
     m = Manager(store, state, engines=[engine], poll=0.02)
     m.start(adopt=True)
     try:
         assert m.wait(queued, 20).status == "succeeded"
+    finally:
+        m.close()
+
+
+def test_another_machines_supervisor_is_judged_by_its_lease(store: Store, tmp_path: Path) -> None:
+    """An instance on another machine (another boot id: its pid means nothing here) keeps its
+    job while it renews the lease; once the lease is older than JOB_LEASE_TTL the job is taken over."""
+    state = tmp_path / "state"
+    engine = ScriptEngine(detachable=True)
+    queued = submit(Manager(store, state, engines=[engine]), script="true")
+    remote = (os.getpid(), "another-machines-boot-id/12345")
+    jobruns.set_supervisor(store, queued, remote)
+    assert jobruns.heartbeat(store, remote) == 1
+    m = Manager(store, state, engines=[engine], poll=0.02)
+    assert m.adopt_orphans() == []  # its lease is fresh
+    with store.transaction() as conn:  # the remote instance stopped renewing a while ago
+        conn.execute("UPDATE job_runs SET updated_at = ? WHERE job_id = ?",
+                     (time.time() - JOB_LEASE_TTL - 1, queued))
+    m.start(adopt=True)
+    try:
+        assert m.wait(queued, 20).status == "succeeded"
+        run = jobruns.get_job_run(store, queued)
+        assert run is not None and run.supervisor_pid == os.getpid() and run.supervisor_start != remote[1]
     finally:
         m.close()
 

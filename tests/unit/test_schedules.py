@@ -35,8 +35,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state", clock=clock)
+def store(tmp_path: Path, clock: FakeClock, store_url: str | None) -> Iterator[Store]:
+    s = Store.open(tmp_path / "state", clock=clock, url=store_url)
     yield s
     s.close()
 
@@ -149,10 +149,11 @@ def test_a_slot_is_claimed_once(store: Store) -> None:
     assert [(r.slot, r.claimed_by) for r in sql.runs(store, "nightly")] == [(T0 + 10, "b"), (T0 + 5, "a")]
 
 
-def test_two_processes_checking_at_once_fire_a_slot_once(tmp_path: Path, clock: FakeClock) -> None:
+def test_two_processes_checking_at_once_fire_a_slot_once(tmp_path: Path, clock: FakeClock,
+                                                         store_url: str | None) -> None:
     """Two Stores on one file (two `carrier serve` processes): both saw the same checked_at, both try
     to claim the same due slot; exactly one wins it and the missed report is written once."""
-    stores = [Store.open(tmp_path / "state", clock=clock) for _ in range(2)]
+    stores = [Store.open(tmp_path / "state", clock=clock, url=store_url) for _ in range(2)]
     try:
         record = _add(stores[0])
         clock.now = T0 + 21

@@ -42,7 +42,16 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store(state_dir: Path, clock: FakeClock) -> Iterator[Store]:
+def store(state_dir: Path, clock: FakeClock, store_url: str | None) -> Iterator[Store]:
+    """The store under test, on each dialect (SQLite file, PostgreSQL schema)."""
+    s = Store.open(state_dir, clock=clock, url=store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(state_dir: Path, clock: FakeClock) -> Iterator[Store]:
+    """For tests of the SQLite file itself (they read it with sqlite3)."""
     s = Store.open(state_dir, clock=clock)
     yield s
     s.close()
@@ -64,7 +73,8 @@ def test_migrations_are_numbered_without_gaps() -> None:
     assert len(MIGRATIONS) == LATEST_VERSION
 
 
-def test_open_creates_all_tables_and_the_version_row(store: Store, state_dir: Path) -> None:
+def test_open_creates_all_tables_and_the_version_row(sqlite_store: Store, state_dir: Path) -> None:
+    store = sqlite_store
     with raw(state_dir) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         versions = conn.execute("SELECT version FROM schema_version").fetchall()
@@ -109,7 +119,8 @@ def test_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
         Store.open(blocker / "state")
 
 
-def test_wal_and_pragmas(store: Store, state_dir: Path) -> None:
+def test_wal_and_pragmas(sqlite_store: Store, state_dir: Path) -> None:
+    store = sqlite_store
     with raw(state_dir) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn = store._conn()
@@ -345,10 +356,11 @@ def test_trim_events_keeps_the_newest(store: Store) -> None:
 
 
 def test_claim_message_is_true_once(store: Store, state_dir: Path) -> None:
+    # `other` is a second Store on the same data (another process's view).
     assert store.claim_message("ops", "<m1@example.org>", sha("sig1"))
     assert not store.claim_message("ops", "<m1@example.org>", sha("sig1"))
     assert not store.claim_message("ops", "<m1@example.org>")
-    with Store.open(state_dir) as other:
+    with Store.open(state_dir, url=store.url) as other:
         assert not other.claim_message("ops", "<m1@example.org>", sha("sig1"))
         assert other.claim_message("ops", "<m2@example.org>", sha("sig2"))
     assert not store.claim_message("ops", "<m2@example.org>", sha("sig2"))
@@ -359,7 +371,8 @@ def test_claim_message_is_true_once(store: Store, state_dir: Path) -> None:
     assert store.claim_message("admin", "<m4@example.org>")
 
 
-def test_claim_commits_with_synchronous_full(store: Store) -> None:
+def test_claim_commits_with_synchronous_full(sqlite_store: Store) -> None:
+    store = sqlite_store
     statements: list[str] = []
     conn = store._conn()
     conn.set_trace_callback(statements.append)
@@ -426,7 +439,8 @@ def test_outbox_roundtrip(store: Store, clock: FakeClock) -> None:
 # --------------------------------------------------------------------------- tokens, enrollments, audit
 
 
-def test_tokens_are_found_by_hash(store: Store, clock: FakeClock) -> None:
+def test_tokens_are_found_by_hash(sqlite_store: Store, clock: FakeClock) -> None:
+    store = sqlite_store
     token = "carrier_secret_token_value"
     rec = store.add_token(sha(token), owner="alice@example.org", role="operator", scopes=["jobs"])
     assert rec.id.startswith("t-") and rec.scopes == ("jobs",) and rec.revoked_at is None
@@ -496,9 +510,9 @@ THREADS = 8
 PER_THREAD = 200
 
 
-def test_concurrent_appends_threads_and_a_second_store(state_dir: Path) -> None:
-    store = Store.open(state_dir)
-    other = Store.open(state_dir)  # another "process" view of the same file
+def test_concurrent_appends_threads_and_a_second_store(state_dir: Path, store_url: str | None) -> None:
+    store = Store.open(state_dir, url=store_url)
+    other = Store.open(state_dir, url=store_url)  # another "process" view of the same data
     try:
         shared = store.create_job("exec", "alice", "cli")
         own = [store.create_job("exec", "alice", "cli") for _ in range(THREADS)]
@@ -554,44 +568,47 @@ def test_concurrent_appends_threads_and_a_second_store(state_dir: Path) -> None:
         other.close()
 
 
-def _process_worker(args: tuple[str, str, int]) -> tuple[list[int], list[str]]:
-    state, job_id, index = args
-    with Store.open(Path(state)) as s:
+def _process_worker(args: tuple[str, str, int, str | None]) -> tuple[list[int], list[str]]:
+    state, job_id, index, url = args
+    with Store.open(Path(state), url=url) as s:
         seqs = [s.append_event(job_id, "output", {"p": index, "n": n}) for n in range(100)]
         claimed = [f"<m{n}@x>" for n in range(50) if s.claim_message("ops", f"<m{n}@x>", sha(f"sig{n}"))]
     return seqs, claimed
 
 
-def test_concurrent_processes(state_dir: Path) -> None:
-    with Store.open(state_dir) as s:
+def test_concurrent_processes(state_dir: Path, store_url: str | None) -> None:
+    with Store.open(state_dir, url=store_url) as s:
         job = s.create_job("exec", "alice", "cli")
     ctx = multiprocessing.get_context("spawn")
     procs = 3
     with ctx.Pool(procs) as pool:
-        result = pool.map_async(_process_worker, [(str(state_dir), job.id, i) for i in range(procs)])
+        result = pool.map_async(_process_worker, [(str(state_dir), job.id, i, store_url)
+                                                    for i in range(procs)])
         outcomes = result.get(timeout=120)
     all_seqs = sorted(seq for seqs, _ in outcomes for seq in seqs)
     assert all_seqs == list(range(1, procs * 100 + 1))
     claimed = [m for _, ms in outcomes for m in ms]
     assert sorted(claimed) == sorted(f"<m{n}@x>" for n in range(50))  # each mail claimed exactly once
-    with Store.open(state_dir) as s:
+    with Store.open(state_dir, url=store_url) as s:
         events, cursor = s.events_since(job.id, 0, limit=10_000)
         assert [e.seq for e in events] == list(range(1, procs * 100 + 1)) and cursor == procs * 100
         assert s.integrity_check() == "ok"
 
 
-def _open_fresh_worker(state: str) -> int:
-    with Store.open(Path(state)) as s:
+def _open_fresh_worker(args: tuple[str, str | None]) -> int:
+    state, url = args
+    with Store.open(Path(state), url=url) as s:
         job = s.create_job("exec", "alice", "cli")
         return s.append_event(job.id, "output")
 
 
-def test_processes_opening_a_new_file_at_once(state_dir: Path) -> None:
+def test_processes_opening_a_new_file_at_once(state_dir: Path, store_url: str | None) -> None:
     # Switching to WAL does not wait on the busy handler; losers of that race must retry.
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(4) as pool:
-        assert pool.map_async(_open_fresh_worker, [str(state_dir)] * 4).get(timeout=120) == [1, 1, 1, 1]
-    with Store.open(state_dir) as s:
+        got = pool.map_async(_open_fresh_worker, [(str(state_dir), store_url)] * 4).get(timeout=120)
+    assert got == [1, 1, 1, 1]
+    with Store.open(state_dir, url=store_url) as s:
         assert s.schema_version() == LATEST_VERSION
         assert len(s.list_jobs()) == 4
 
