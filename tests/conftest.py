@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -60,6 +61,13 @@ class PgCluster:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]  # a generated name
         return f"{self.url()}?options=-csearch_path%3D{schema}"
+
+    def fresh_store(self) -> tuple[str, dict[str, str]]:
+        """A fresh schema: its URL (with the password, for the test's own reads) and the
+        carrier.yml ``store:`` section for it (URL without the password, and the password file)."""
+        url = self.fresh_url()
+        plain = url.replace(f":{quote(self.component._password(), safe='')}@", "@", 1)
+        return url, {"url": plain, "password_file": str(self.component.password_file)}
 
 
 @pytest.fixture(scope="session")

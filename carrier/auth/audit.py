@@ -183,6 +183,10 @@ def load_audit_key(path: Path, state_dir: Path, store: Store) -> tuple[AuditKey,
         raise AuditKeyError(f"cannot read the audit key {path}: {exc.strerror}") from None
     marker = read_audit_keyed(store)
     if marker is not None:
+        # Another process (a second instance starting at the same time) may have made the key
+        # and keyed the chain since we looked: then it is there now.
+        with contextlib.suppress(FileNotFoundError):
+            return AuditKey(_read_key(path), path), False
         raise AuditKeyError(
             f"the audit key {path} is missing but the audit chain is keyed from row {marker.from_id} "
             f"(key id {marker.key_id}): restore the key from your backup (it is not made again, "

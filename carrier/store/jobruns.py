@@ -16,7 +16,6 @@ from typing import Any
 
 from carrier.store import schema
 from carrier.store.db import KEEP, Store, _Keep, check_job_id
-from carrier.store.dialect import JOB_SLOTS_LOCK
 from carrier.store.records import JobRecord
 
 
@@ -150,12 +149,13 @@ def claim_slot(store: Store, job_id: str, *, max_jobs: int, max_per_host: int,
     placed on an execution node, a slot on that node (``node_capacity``) are free.
 
     Counts every running job in the store (all Carrier processes share the limits). On PostgreSQL
-    claims serialise on their own advisory lock (the counts stay exact) and the job's row is taken
-    ``FOR UPDATE SKIP LOCKED``: a job another instance is claiming or finishing is passed over.
+    the claim takes the store-wide lock like any write (so the counts stay exact, and a job whose
+    creating transaction has not committed yet is waited for, not missed) and the job's row
+    ``FOR UPDATE SKIP LOCKED``: a job another instance holds locked right now is passed over.
     """
     check_job_id(job_id)
     sql = "SELECT j.status, j.spec, r.hosts FROM jobs j JOIN job_runs r ON r.job_id = j.id WHERE j.id = ?"
-    with store.transaction(lock=JOB_SLOTS_LOCK) as conn:
+    with store.transaction() as conn:
         row = conn.execute(sql + store.skip_locked("j"), (job_id,)).fetchone()
         if row is None or row["status"] != "queued":
             return False
