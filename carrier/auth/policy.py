@@ -93,6 +93,12 @@ FIND_EXEC_ACTIONS = ("-exec", "-execdir", "-ok", "-okdir")
 #: Shell text (a role with ``shell: true``) under a ``commands:`` list must be one plain command:
 #: without these it cannot run a second program or substitute one.
 SHELL_FEATURES = (*METACHARACTERS, "$", "(", ")")
+#: The mail tools that only read the mailbox (the attachment tools also write into the download
+#: directory): the only ones an account with ``read_only: true`` takes.
+MAIL_READ_TOOLS = frozenset({
+    "mail_accounts", "mail_folder_list", "mail_inbox_list", "mail_inbox_read", "mail_search",
+    "mail_thread", "mail_attachment_get", "mail_attachment_save",
+})
 _SCOPE_RE = re.compile(r"(tools):(run|jobs|mail|\*)|(hosts):(\S+)")
 
 
@@ -139,6 +145,9 @@ class Request:
     approval_by: str | None = None
     #: pty_input: the named secret to type (``job_input(secret=...)``); its name only, never a value.
     secret: str | None = None
+    #: mail: the account the tool acts on, and whether carrier.yml makes it ``read_only``.
+    account: str | None = None
+    read_only_account: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +443,9 @@ def decide(
         return decide(identity, replace(request, action="playbook"), roles, strict_commands=strict_commands)
     if action == "mail":
         tool = request.tool or ""
+        if request.read_only_account and tool not in MAIL_READ_TOOLS:
+            return _no(f"account {request.account} is read_only: true in carrier.yml, and "
+                       f"{tool or 'this tool'} sends or changes mail")
         if tool and identity.local:
             # The local user holds carrier.yml and the mail passwords: the mailbox is theirs anyway.
             return Decision(True, f"local user may use {tool}")

@@ -88,6 +88,62 @@ def check_uid(value: object, what: str = "uid") -> int:
     return number
 
 
+#: Characters a new folder name may not hold: LIST wildcards and IMAP quoting/literal syntax.
+_FOLDER_SPECIALS = set('*%"\\{}')
+#: The system flags a client may set (RFC 3501; \\Recent is the server's own).
+SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+#: An IMAP keyword is an atom: no atom-specials ( ) { SP CTL % * " \\ ] (RFC 3501).
+_KEYWORD = re.compile(r"[!#$&'+-Z^-z|~]{1,100}")
+MAX_UIDS = 1000
+
+
+def check_new_folder(name: object, what: str = "name") -> str:
+    """A folder name to create or rename to: a folder name (check_folder) without leading or trailing
+    spaces, LIST wildcards (* %), quotes, backslashes or braces, and not INBOX."""
+    text = check_folder(name, what)
+    if text != text.strip():
+        raise MailInputError(f"{what} {text!r} starts or ends with spaces: remove them")
+    bad = sorted(set(text) & _FOLDER_SPECIALS)
+    if bad or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        shown = " ".join(bad) or "control characters"
+        raise MailInputError(f"{what} {text!r} contains {shown}: folder names here cannot (IMAP wildcards "
+                             "and quoting)")
+    if text.upper() == "INBOX":
+        raise MailInputError(f"{what} cannot be INBOX")
+    return text
+
+
+def check_keyword(value: object, what: str = "flag") -> str:
+    """A flag to set or clear: one of :data:`SYSTEM_FLAGS` (any case) or a keyword atom such as
+    ``$Label1`` or ``invoice`` (letters, digits and ! # $ & ' + - . / : ; < = > ? @ ^ _ ` | ~)."""
+    if not isinstance(value, str) or not value:
+        raise MailInputError(f"{what} must be a flag such as \\Seen or a keyword such as $Important")
+    if value.startswith("\\"):
+        for flag in SYSTEM_FLAGS:
+            if value.lower() == flag.lower():
+                return flag
+        raise MailInputError(
+            f"{what} {value!r} is not a flag a client can set: use one of {', '.join(SYSTEM_FLAGS)} "
+            "or a keyword without a backslash"
+        )
+    if not _KEYWORD.fullmatch(value):
+        raise MailInputError(
+            f"{what} {value!r} is not an IMAP keyword: 1-100 ASCII letters, digits or ! # $ & ' + - . / : "
+            "; < = > ? @ ^ _ ` | ~ (no spaces, quotes, parentheses, brackets, braces, * % or \\)"
+        )
+    return value
+
+
+def check_uids(value: object, what: str = "uids") -> list[int]:
+    """One UID or a list of 1-1000 UIDs (each as :func:`check_uid`), duplicates dropped, order kept."""
+    items = value if isinstance(value, list | tuple) else [value]
+    if not items:
+        raise MailInputError(f"{what} is empty: give at least one UID")
+    if len(items) > MAX_UIDS:
+        raise MailInputError(f"{what} has {len(items)} UIDs: at most {MAX_UIDS} per call")
+    return list(dict.fromkeys(check_uid(item, f"{what} entry") for item in items))
+
+
 def check_search_query(query: str) -> str:
     """Raw IMAP SEARCH criteria: printable ASCII, no CR/LF/NUL, no ``{N}`` literals."""
     if any(ch in query for ch in "\r\n\x00"):
@@ -465,6 +521,18 @@ def select(client: IMAPClient, folder: str, *, readonly: bool) -> dict[bytes, An
     return info
 
 
+def forget_selection(client: IMAPClient) -> None:
+    """Leave the selected folder (UNSELECT, else EXAMINE INBOX; never CLOSE, which expunges) before a
+    folder is renamed or deleted, so the cached selection of :func:`select` cannot go stale."""
+    if getattr(client, _SELECTED, None) is None:
+        return
+    setattr(client, _SELECTED, None)
+    if client.has_capability("UNSELECT"):
+        client.unselect_folder()
+    else:
+        client.select_folder("INBOX", readonly=True)
+
+
 def folder_exists(client: IMAPClient, folder: str) -> bool:
     return any(f.name == folder for f in list_folders(client))
 
@@ -575,6 +643,62 @@ def move_message(
     else:  # without UIDPLUS only a full EXPUNGE exists; \\Deleted messages are meant to go anyway
         client.expunge()
     return new_uid, "COPY+EXPUNGE"
+
+
+def appended_uid(response: object) -> int | None:
+    """The new message's UID from an APPEND answer's ``[APPENDUID validity uid]`` (RFC 4315)."""
+    data = response if isinstance(response, bytes) else str(response).encode("utf-8", "replace")
+    match = re.search(rb"\[APPENDUID \d+ (\d+)\]", data, re.IGNORECASE)
+    return int(match.group(1)) if match else None
+
+
+def move_messages(client: IMAPClient, uids: Sequence[int], to_folder: str) -> dict[int, int | None]:
+    """Move ``uids`` of the selected folder in one command (UID MOVE, or COPY + \\Deleted + UID
+    EXPUNGE); their UIDs in ``to_folder`` where the server reports COPYUID."""
+    codes = client._imap.untagged_responses
+    for key in ("COPYUID", "OK"):
+        codes.pop(key, None)
+    if client.has_capability("MOVE"):
+        client.move(list(uids), to_folder)
+    else:
+        client.copy(list(uids), to_folder)
+    texts = [*codes.pop("COPYUID", []), *codes.pop("OK", [])]
+    if not client.has_capability("MOVE"):
+        expunge_uids(client, uids)
+    return {uid: _copyuid_set(texts, uid) for uid in uids}
+
+
+def expunge_uids(client: IMAPClient, uids: Sequence[int]) -> None:
+    """\\Deleted and UID EXPUNGE for exactly ``uids`` (MailError without UIDPLUS: a plain EXPUNGE would
+    also remove other messages someone marked \\Deleted)."""
+    if not client.has_capability("UIDPLUS"):
+        raise MailError("the IMAP server has no UIDPLUS, so Carrier cannot expunge single messages safely")
+    client.add_flags(list(uids), [b"\\Deleted"], silent=True)
+    client.uid_expunge(list(uids))
+
+
+def _uid_set(text: bytes) -> list[int]:
+    out: list[int] = []
+    for piece in text.split(b","):
+        low, _, high = piece.partition(b":")
+        if not low.isdigit() or (high and not high.isdigit()):
+            return []
+        start, end = int(low), int(high or low)
+        out.extend(range(start, end + 1) if start <= end else range(start, end - 1, -1))
+    return out
+
+
+def _copyuid_set(texts: Sequence[object], uid: int) -> int | None:
+    """The destination UID of ``uid`` from a COPYUID code whose sets may hold many UIDs."""
+    for text in texts:
+        data = text if isinstance(text, bytes) else str(text).encode("utf-8", "replace")
+        start = data.upper().find(b"[COPYUID ")
+        match = _COPYUID.match(data, start) if start >= 0 else _COPYUID.fullmatch(data.strip())
+        if match:
+            source, dest = _uid_set(match.group(1)), _uid_set(match.group(2))
+            if uid in source and len(source) == len(dest):
+                return dest[source.index(uid)]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

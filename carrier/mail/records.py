@@ -157,3 +157,60 @@ class AttachmentContent(BaseModel):
     size: int = Field(description="decoded size in bytes")
     content_base64: str | None = Field(description="the content, when save_to was not given")
     saved_to: str | None = Field(description="the absolute path written, when save_to was given")
+
+
+class AccountInfo(BaseModel):
+    """A configured mail account as the tools see it (never its credentials)."""
+
+    model_config = _FROZEN
+    name: str
+    address: str
+    display_name: str
+    default: bool = Field(description="the account tools use when none is named")
+    read_only: bool = Field(description="true: tools that send or change mail are refused")
+    save_sent: bool = Field(description="a copy of sent mail goes to the Sent folder")
+
+
+class AccountList(BaseModel):
+    model_config = _FROZEN
+    accounts: list[AccountInfo]
+
+
+class DraftResult(BaseModel):
+    model_config = _FROZEN
+    account: str
+    folder: str = Field(description="the Drafts folder it was saved to")
+    uid: int | None = Field(description="its UID there (pass it to mail_draft_send), when the server says")
+    message_id: str
+    replaced_uid: int | None = Field(default=None, description="the earlier draft removed, if any")
+
+
+class BatchResult(BaseModel):
+    """What a tool that acts on several messages did to each."""
+
+    model_config = _FROZEN
+    account: str
+    folder: str
+    action: str
+    uids: list[int] = Field(description="the messages acted on")
+    moved_to: str | None = Field(default=None, description="the folder they went to, when moved")
+    new_uids: dict[int, int | None] = Field(
+        default_factory=dict, description="their UIDs in moved_to, when the server says (UIDPLUS)"
+    )
+    expunged: bool = Field(default=False, description="true: deleted for good")
+
+
+class FlagsResult(BaseModel):
+    model_config = _FROZEN
+    account: str
+    folder: str
+    flags: dict[int, list[str]] = Field(description="each message's flags after the change, by UID")
+
+
+class FolderResult(BaseModel):
+    model_config = _FROZEN
+    account: str
+    action: str = Field(description="created, renamed or deleted")
+    folder: str
+    new_name: str | None = None
+    messages_deleted: int = Field(default=0, description="messages that went with a forced delete")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import email
 import logging
 import re
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime
 from email.message import EmailMessage
 from email.policy import compat32
+from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -28,12 +30,15 @@ from carrier.config import Config, MailAccount
 from carrier.errors import CarrierError
 from carrier.mail import files, imap, smtp
 from carrier.mail.compose import (
+    POLICY,
     ComposeError,
     Draft,
     OutgoingAttachment,
+    check_headers,
     check_message_id,
     compose,
     envelope_recipients,
+    new_message_id,
     parse_recipients,
     reply_references,
     reply_subject,
@@ -45,11 +50,17 @@ from carrier.mail.imap import ImapPool, MailError, MailInputError, MailNotFound
 from carrier.mail.mime import Leaf, attachment_name, classify
 from carrier.mail.parse import Headers, decode_transfer, headers_of, leaf_text
 from carrier.mail.records import (
+    AccountInfo,
+    AccountList,
     Address,
     AttachmentContent,
     AttachmentInfo,
+    BatchResult,
+    DraftResult,
+    FlagsResult,
     FolderInfo,
     FolderList,
+    FolderResult,
     MarkResult,
     MessageContent,
     MessagePage,
@@ -132,6 +143,14 @@ def _quote(value: str) -> str:
 
 def _flags(values: Iterable[object]) -> list[str]:
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _flag_text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _addresses(addresses: Sequence[Address]) -> str:
+    return ", ".join(formataddr((a.name, a.addr)) if a.name else a.addr for a in addresses)
 
 
 def _header_block(data: dict[bytes, Any]) -> bytes:
@@ -974,6 +993,438 @@ class MailService:
             log.info("could not flag the original as answered", extra={"error": str(exc)})
         return result
 
+
+    # --- mail_accounts ---
+
+    def accounts(self) -> AccountList:
+        default = self.config.default_account.name
+        return AccountList(
+            accounts=[
+                AccountInfo(
+                    name=a.name,
+                    address=a.address,
+                    display_name=a.display_name,
+                    default=a.name == default,
+                    read_only=a.read_only,
+                    save_sent=a.save_sent,
+                )
+                for a in self.config.accounts
+            ]
+        )
+
+    # --- shared by the batch tools ---
+
+    def _special(self, client: IMAPClient, account: MailAccount, flag: str, key: str) -> str:
+        configured = getattr(account.folders, key)
+        target = imap.special_folder(client, flag, configured)
+        if target is None:
+            raise MailNotFound(
+                f"account {account.name} has no {flag} folder: the server marks none with SPECIAL-USE "
+                f"and folders.{key} ({configured!r}) does not exist; create it (mail_folder_create) "
+                f"or set folders.{key}"
+            )
+        return target
+
+    @staticmethod
+    def _existing(client: IMAPClient, uids: Sequence[int], folder: str) -> list[int]:
+        found = client.fetch(list(uids), ["UID"])
+        missing = [u for u in uids if u not in found]
+        if missing:
+            raise MailNotFound(
+                f"no message with uid {', '.join(map(str, missing))} in folder {folder!r} "
+                "(UIDs come from mail_inbox_list or mail_search): nothing was changed"
+            )
+        return list(uids)
+
+    def _move_batch(
+        self, account: MailAccount, uids: object, folder: str | None, flag: str, key: str, action: str
+    ) -> BatchResult:
+        name = self._folder(account, folder)
+        numbers = imap.check_uids(uids)
+
+        def op(client: IMAPClient) -> BatchResult:
+            target = self._special(client, account, flag, key)
+            if target == name:
+                raise MailInputError(f"the messages are already in {target!r}")
+            imap.select(client, name, readonly=False)
+            self._existing(client, numbers, name)
+            moved = imap.move_messages(client, numbers, target)
+            return BatchResult(account=account.name, folder=name, action=action, uids=numbers,
+                               moved_to=target, new_uids=moved)
+
+        return self._run(account, f"mail_{action}", op, retry=False)
+
+    # --- mail_archive / mail_delete ---
+
+    def archive(
+        self, account_name: str | None = None, *, uids: object, folder: str | None = None
+    ) -> BatchResult:
+        account = self.account(account_name)
+        return self._move_batch(account, uids, folder, "\\Archive", "archive", "archive")
+
+    def delete(
+        self,
+        account_name: str | None = None,
+        *,
+        uids: object,
+        folder: str | None = None,
+        expunge: bool = False,
+    ) -> BatchResult:
+        """To Trash; ``expunge`` deletes for good. In Trash itself only ``expunge`` is accepted."""
+        account = self.account(account_name)
+        if not isinstance(expunge, bool):
+            raise MailInputError(f"expunge must be true or false, got {expunge!r}")
+        if not expunge:
+            try:
+                return self._move_batch(account, uids, folder, "\\Trash", "trash", "delete")
+            except MailInputError as exc:
+                if "already in" not in str(exc):
+                    raise
+                raise MailInputError(
+                    f"the messages are already in the Trash folder ({self._folder(account, folder)!r}): "
+                    "deleting them there is for good, so pass expunge: true to do it"
+                ) from None
+        name = self._folder(account, folder)
+        numbers = imap.check_uids(uids)
+
+        def op(client: IMAPClient) -> BatchResult:
+            imap.select(client, name, readonly=False)
+            self._existing(client, numbers, name)
+            imap.expunge_uids(client, numbers)
+            return BatchResult(
+                account=account.name, folder=name, action="delete", uids=numbers, expunged=True
+            )
+
+        return self._run(account, "mail_delete", op, retry=False)
+
+    # --- mail_flags ---
+
+    def flags(
+        self,
+        account_name: str | None = None,
+        *,
+        uids: object,
+        add: Sequence[str] | None = None,
+        remove: Sequence[str] | None = None,
+        folder: str | None = None,
+    ) -> FlagsResult:
+        account = self.account(account_name)
+        name = self._folder(account, folder)
+        numbers = imap.check_uids(uids)
+        adding = [imap.check_keyword(f, "add entry") for f in (add or ())]
+        removing = [imap.check_keyword(f, "remove entry") for f in (remove or ())]
+        if not adding and not removing:
+            raise MailInputError("give flags to add and/or remove, e.g. add: [$Important]")
+        both = {f.lower() for f in adding} & {f.lower() for f in removing}
+        if both:
+            raise MailInputError(f"{', '.join(sorted(both))} is both added and removed: choose one")
+
+        def op(client: IMAPClient) -> FlagsResult:
+            info = imap.select(client, name, readonly=False)
+            permanent = {_flag_text(f).lower() for f in info.get(b"PERMANENTFLAGS", ())}
+            keywords = [f for f in adding if not f.startswith("\\")]
+            if keywords and "\\*" not in permanent and not {k.lower() for k in keywords} <= permanent:
+                raise MailError(
+                    f"folder {name!r} does not accept new keywords (PERMANENTFLAGS has no \\*): "
+                    f"{', '.join(keywords)} cannot be stored"
+                )
+            self._existing(client, numbers, name)
+            if adding:
+                client.add_flags(numbers, [f.encode("ascii") for f in adding], silent=True)
+            if removing:
+                client.remove_flags(numbers, [f.encode("ascii") for f in removing], silent=True)
+            after = client.fetch(numbers, ["FLAGS"])
+            return FlagsResult(
+                account=account.name,
+                folder=name,
+                flags={u: _flags(after.get(u, {}).get(b"FLAGS", ())) for u in numbers},
+            )
+
+        return self._run(account, "mail_flags", op, retry=False)
+
+    # --- mail_folder_create / _rename / _delete ---
+
+    def folder_create(self, account_name: str | None = None, *, name: str) -> FolderResult:
+        account = self.account(account_name)
+        wanted = imap.check_new_folder(name, "name")
+
+        def op(client: IMAPClient) -> FolderResult:
+            if imap.folder_exists(client, wanted):
+                raise MailInputError(f"folder {wanted!r} already exists")
+            client.create_folder(wanted)
+            with contextlib.suppress(IMAPClient.Error):
+                client.subscribe_folder(wanted)
+            return FolderResult(account=account.name, action="created", folder=wanted)
+
+        return self._run(account, "mail_folder_create", op, retry=False)
+
+    def folder_rename(self, account_name: str | None = None, *, name: str, new_name: str) -> FolderResult:
+        account = self.account(account_name)
+        old = imap.check_folder(name, "name")
+        if old.upper() == "INBOX":
+            raise MailInputError("INBOX cannot be renamed (IMAP would move its messages instead)")
+        new = imap.check_new_folder(new_name, "new_name")
+
+        def op(client: IMAPClient) -> FolderResult:
+            names = {f.name for f in imap.list_folders(client)}
+            if old not in names:
+                raise MailNotFound(f"folder {old!r} does not exist (mail_folder_list shows the folders)")
+            if new in names:
+                raise MailInputError(f"folder {new!r} already exists: choose another new_name")
+            imap.forget_selection(client)
+            client.rename_folder(old, new)
+            return FolderResult(account=account.name, action="renamed", folder=old, new_name=new)
+
+        return self._run(account, "mail_folder_rename", op, retry=False)
+
+    def folder_delete(
+        self, account_name: str | None = None, *, name: str, force: bool = False
+    ) -> FolderResult:
+        account = self.account(account_name)
+        target = imap.check_folder(name, "name")
+        if target.upper() == "INBOX":
+            raise MailInputError("INBOX cannot be deleted")
+        if not isinstance(force, bool):
+            raise MailInputError(f"force must be true or false, got {force!r}")
+
+        def op(client: IMAPClient) -> FolderResult:
+            folders = {f.name: f for f in imap.list_folders(client)}
+            if target not in folders:
+                raise MailNotFound(f"folder {target!r} does not exist (mail_folder_list shows the folders)")
+            count = 0
+            if folders[target].selectable:
+                count = int(client.folder_status(target, ["MESSAGES"]).get(b"MESSAGES", 0))
+            children = [n for n, f in folders.items() if f.delimiter and n.startswith(target + f.delimiter)]
+            if (count or children) and not force:
+                what = f"{count} message(s)" if count else f"subfolders ({', '.join(children[:5])})"
+                raise MailInputError(
+                    f"folder {target!r} is not empty ({what}): move them first, or pass force: true "
+                    "to delete it with everything in it"
+                )
+            imap.forget_selection(client)
+            client.delete_folder(target)
+            return FolderResult(account=account.name, action="deleted", folder=target, messages_deleted=count)
+
+        return self._run(account, "mail_folder_delete", op, retry=False)
+
+    # --- mail_attachment_save ---
+
+    def attachment_save(
+        self,
+        account_name: str | None = None,
+        *,
+        uid: int | str,
+        attachment_index: int,
+        folder: str | None = None,
+        save_to: str | None = None,
+    ) -> AttachmentContent:
+        """mail_attachment_get that always writes the file (to the download directory by default)."""
+        return self.attachment_get(
+            account_name, uid=uid, attachment_index=attachment_index, folder=folder,
+            save_to=save_to if save_to and save_to.strip() else ".",
+        )
+
+    # --- mail_forward ---
+
+    def forward(
+        self,
+        account_name: str | None = None,
+        *,
+        uid: int | str,
+        to: str | Sequence[str],
+        body: str = "",
+        cc: str | Sequence[str] | None = None,
+        bcc: str | Sequence[str] | None = None,
+        attachments: Sequence[AttachmentInput] | None = None,
+        include_attachments: bool = True,
+        folder: str | None = None,
+    ) -> SendResult:
+        """Forward a message inline: the note, the original's headers and text, its attachments."""
+        account = self.account(account_name)
+        name = self._folder(account, folder)
+        number = imap.check_uid(uid)
+        extra = self._attachments(attachments)
+        try:
+            recipients = (
+                parse_recipients(to, "to"), parse_recipients(cc, "cc"), parse_recipients(bcc, "bcc")
+            )
+        except ComposeError as exc:
+            raise MailInputError(str(exc)) from None
+
+        def op(client: IMAPClient) -> tuple[Headers, str, list[OutgoingAttachment]]:
+            imap.select(client, name, readonly=True)
+            items = ["UID", "RFC822.SIZE", "BODYSTRUCTURE", "BODY.PEEK[HEADER]"]
+            data = client.fetch([number], items).get(number)
+            if not data:
+                raise MailNotFound(f"no message with uid {number} in folder {name!r} (see mail_inbox_list)")
+            if int(data.get(b"RFC822.SIZE") or 0) > MAX_MESSAGE_BYTES:
+                raise MailError(f"message {number} is over the {MAX_MESSAGE_BYTES} byte cap to forward")
+            headers = headers_of(email.message_from_bytes(_header_block(data), policy=compat32))
+            layout = classify(imap.structure_leaves(data[b"BODYSTRUCTURE"]))
+            text = _read_parts(client, number, layout.text or layout.html, html_as_text=True)
+            carried: list[OutgoingAttachment] = []
+            if include_attachments and layout.attachments:
+                wanted = [f"BODY.PEEK[{leaf.number}]" for leaf in layout.attachments]
+                got = client.fetch([number], wanted).get(number, {})
+                for leaf in layout.attachments:
+                    raw = got.get(f"BODY[{leaf.number}]".encode()) or b""
+                    carried.append(OutgoingAttachment(
+                        filename=files.safe_filename(attachment_name(leaf)),
+                        content=decode_transfer(raw, leaf.encoding), mime_type=leaf.mime_type,
+                    ))
+            return headers, text, carried
+
+        original, text, carried = self._run(account, "mail_forward", op)
+        quoted = "\n".join(
+            [
+                "---------- Forwarded message ----------",
+                f"From: {_addresses(original.from_)}",
+                f"Date: {original.date or ''}",
+                f"Subject: {original.subject}",
+                f"To: {_addresses(original.to)}",
+                *([f"Cc: {_addresses(original.cc)}"] if original.cc else []),
+                "",
+                text,
+            ]
+        )
+        subject = " ".join(original.subject.split())
+        if not re.match(r"(?i)^\s*(fwd?|wg|tr)\s*:", subject):
+            subject = f"Fwd: {subject}" if subject else "Fwd:"
+        refs = reply_references(original.references, original.in_reply_to, original.message_id)
+        total = sum(len(a.content) for a in (*carried, *extra))
+        if total > MAX_MESSAGE_BYTES:
+            raise MailInputError(f"the attachments add up to over {MAX_MESSAGE_BYTES} bytes: "
+                                 "pass include_attachments: false or fewer extra attachments")
+        try:
+            draft = Draft(
+                sender=self._sender(account),
+                to=recipients[0],
+                cc=recipients[1],
+                bcc=recipients[2],
+                subject=subject,
+                body=(body.rstrip() + "\n\n" if body.strip() else "") + quoted,
+                attachments=(*carried, *extra),
+                references=tuple(r for r in refs if _safe_id(r)),
+            )
+        except ComposeError as exc:
+            raise MailInputError(str(exc)) from None
+        result = self._deliver(account, draft, "mail_forward")
+
+        def forwarded(client: IMAPClient) -> None:
+            imap.select(client, name, readonly=False)
+            client.add_flags([number], [b"$Forwarded"], silent=True)
+
+        try:
+            self._run(account, "mail_forward (flag $Forwarded)", forwarded, retry=False)
+        except CarrierError as exc:  # the mail went out; the flag is a nicety
+            log.info("could not flag the original as forwarded", extra={"error": str(exc)})
+        return result
+
+    # --- mail_draft_save / mail_draft_send ---
+
+    def draft_save(
+        self,
+        account_name: str | None = None,
+        *,
+        to: str | Sequence[str],
+        subject: str,
+        body: str,
+        cc: str | Sequence[str] | None = None,
+        bcc: str | Sequence[str] | None = None,
+        body_html: str | None = None,
+        attachments: Sequence[AttachmentInput] | None = None,
+        replace_uid: int | str | None = None,
+    ) -> DraftResult:
+        """APPEND a composed message to Drafts (\\Draft, \\Seen); ``replace_uid`` removes the old draft."""
+        account = self.account(account_name)
+        old = imap.check_uid(replace_uid, "replace_uid") if replace_uid is not None else None
+        try:
+            draft = Draft(
+                sender=self._sender(account),
+                to=parse_recipients(to, "to"),
+                cc=parse_recipients(cc, "cc"),
+                bcc=parse_recipients(bcc, "bcc"),
+                subject=subject,
+                body=body,
+                body_html=body_html,
+                attachments=self._attachments(attachments),
+            )
+            message = compose(draft, now=datetime.now(UTC).replace(microsecond=0))
+        except ComposeError as exc:
+            raise MailInputError(str(exc)) from None
+        data = to_bytes(message)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise MailInputError(
+                f"the draft would be {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte cap"
+            )
+
+        def op(client: IMAPClient) -> DraftResult:
+            drafts = self._special(client, account, "\\Drafts", "drafts")
+            if old is not None:
+                imap.select(client, drafts, readonly=True)
+                self._existing(client, [old], drafts)
+            response = client.append(drafts, data, flags=[b"\\Draft", b"\\Seen"])
+            if old is not None:
+                imap.select(client, drafts, readonly=False)
+                imap.expunge_uids(client, [old])
+            return DraftResult(account=account.name, folder=drafts, uid=imap.appended_uid(response),
+                               message_id=str(message["Message-ID"]), replaced_uid=old)
+
+        return self._run(account, "mail_draft_save", op, retry=False)
+
+    def draft_send(self, account_name: str | None = None, *, uid: int | str) -> SendResult:
+        """Send a message saved in Drafts as it is there (Date renewed), then remove the draft."""
+        account = self.account(account_name)
+        number = imap.check_uid(uid)
+
+        def fetch(client: IMAPClient) -> tuple[str, bytes]:
+            drafts = self._special(client, account, "\\Drafts", "drafts")
+            imap.select(client, drafts, readonly=True)
+            data = client.fetch([number], ["RFC822.SIZE", "BODY.PEEK[]"]).get(number)
+            if not data:
+                raise MailNotFound(
+                    f"no draft with uid {number} in {drafts!r} (mail_draft_save gives the uid; "
+                    f"mail_inbox_list folder={drafts!r} lists them)"
+                )
+            if int(data.get(b"RFC822.SIZE") or 0) > MAX_MESSAGE_BYTES:
+                raise MailError(f"draft {number} is over the {MAX_MESSAGE_BYTES}-byte cap")
+            return drafts, data.get(b"BODY[]") or b""
+
+        drafts, raw = self._run(account, "mail_draft_send", fetch)
+        message = email.message_from_bytes(raw, _class=EmailMessage, policy=POLICY)
+        assert isinstance(message, EmailMessage)
+        try:
+            recipients: list[str] = []
+            for field in ("To", "Cc", "Bcc"):
+                values = [str(v) for v in message.get_all(field, [])]
+                recipients += [a.addr for a in parse_recipients(values, field.lower())]
+            if not recipients:
+                raise ComposeError(f"draft {number} has no To, Cc or Bcc: save it again with recipients")
+            sent_at = datetime.now(UTC).replace(microsecond=0)
+            del message["Date"]
+            message["Date"] = format_datetime(sent_at, usegmt=True)
+            if not message.get("Message-ID"):
+                message["Message-ID"] = new_message_id(account.address)
+            del message["From"]
+            message["From"] = formataddr((account.display_name, account.address))
+            check_headers(message)
+        except (ComposeError, ValueError) as exc:
+            raise MailInputError(f"draft {number} cannot be sent: {exc}") from None
+        result = self._send_message(
+            account, message, list(dict.fromkeys(recipients)), sent_at, "mail_draft_send"
+        )
+
+        def remove(client: IMAPClient) -> None:
+            imap.select(client, drafts, readonly=False)
+            imap.expunge_uids(client, [number])
+
+        try:
+            self._run(account, "mail_draft_send (removing the draft)", remove, retry=False)
+        except CarrierError as exc:
+            note = f"sent, but draft {number} is still in {drafts!r}: {exc}"
+            warning = f"{result.warning}; {note}" if result.warning else note
+            return result.model_copy(update={"warning": warning})
+        return result
 
 def _or_tree(terms: Sequence[str]) -> str:
     """``OR`` over ``terms`` as a balanced tree, so nesting stays shallow (log2 of the count)."""

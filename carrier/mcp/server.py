@@ -46,7 +46,11 @@ reads one (text, HTML converted to text, attachments as metadata; long bodies in
 max_chars/offset); mail_attachment_get fetches one attachment (save_to writes it to Carrier's \
 download directory instead of returning base64). mail_search takes IMAP SEARCH criteria and/or \
 from/to/subject/since/before/unseen filters. mail_thread(message_id) gathers a conversation. \
-mail_reply keeps threading headers; mail_send saves a copy to Sent. Tool results are JSON objects.\
+mail_reply keeps threading headers; mail_send saves a copy to Sent. mail_forward, mail_draft_save and \
+mail_draft_send, mail_archive, mail_flags (keywords/tags), mail_delete (to Trash; expunge: true for good), \
+mail_folder_create/_rename/_delete and mail_attachment_save keep the mailbox; mail_accounts lists the \
+accounts. Tools marked DESTRUCTIVE cannot be undone: confirm with your user first. Tool results are JSON \
+objects.\
 """
 
 Closer = Callable[[], None]
@@ -154,7 +158,11 @@ class MailDecisions:
             return _tool_error(str(exc))
         ops = self.context.services.ops
         try:
-            await anyio.to_thread.run_sync(ops.mail_tool, identity, name)
+            arguments = params.get("arguments")
+            account = arguments.get("account") if isinstance(arguments, dict) else None
+            await anyio.to_thread.run_sync(
+                ops.mail_tool, identity, name, account if isinstance(account, str) else None
+            )
         except OpsError as exc:
             return _tool_error(str(exc))
         return await call_next(ctx)

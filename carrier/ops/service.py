@@ -678,9 +678,14 @@ class Ops:
 
     # ================================================================= mail tools
 
-    def mail_tool(self, who: Identity, tool: str) -> None:
-        """Decide one MCP mail tool call (the mail service does the work)."""
-        self.decide(who, Request("mail", tool=tool))
+    def mail_tool(self, who: Identity, tool: str, account: str | None = None) -> None:
+        """Decide one MCP mail tool call on ``account`` (None: the default one); the mail service
+        does the work (and names an unknown account itself)."""
+        name = account.strip() if isinstance(account, str) and account.strip() else None
+        target = next((a for a in self.config.accounts if a.name == name), None) if name else \
+            (self.config.default_account if self.config.accounts else None)
+        self.decide(who, Request("mail", tool=tool, account=target.name if target else name,
+                                 read_only_account=bool(target and target.read_only)))
 
     # ================================================================= tokens and enrollment
 

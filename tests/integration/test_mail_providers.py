@@ -181,8 +181,9 @@ def test_mcp_mail_send_saves_to_sent_unless_save_sent_is_off(sandbox: Sandbox, t
     assert sent["saved_to"] == "Sent" and sent["warning"] is None
     assert len(sent_with(layout, sent["message_id"])) == 1
     off = token("nosent")
-    result = mcp_send(config_with(sandbox, tmp_path / "off", save_sent=False), to="ops@example.test",
-                      subject=off, body="x")
+    result = mcp_send(
+        config_with(sandbox, tmp_path / "off", save_sent=False), to="ops@example.test", subject=off, body="x"
+    )
     assert result["saved_to"] is None and result["warning"] is None
     assert sent_with(layout, result["message_id"]) == []
     assert len(find_uids(layout, "ops", "INBOX", off)) == 1  # delivered all the same

@@ -185,6 +185,19 @@ def test_mail_tools_by_glob() -> None:
     assert "may not use mail tools" in reason(who("admin"), Request("mail"))
 
 
+def test_a_read_only_account_takes_only_the_reading_mail_tools() -> None:
+    from carrier.auth.policy import MAIL_READ_TOOLS
+
+    local = Identity("me", "admin", "cli", local=True)
+    for tool in ("mail_send", "mail_delete", "mail_folder_create", "mail_flags", "mail_move"):
+        request = Request("mail", tool=tool, account="ro", read_only_account=True)
+        assert "account ro is read_only: true" in reason(who("admin"), request)
+        assert "read_only" in reason(local, request)  # the local user too: it is the account's setting
+        assert ok(who("admin"), Request("mail", tool=tool, account="rw"))
+    for tool in MAIL_READ_TOOLS:
+        assert ok(who("admin"), Request("mail", tool=tool, account="ro", read_only_account=True))
+
+
 def test_jobs_of_others_are_refused_unless_admin() -> None:
     assert ok(who("viewer"), Request("job_read", job_owner="ops@example.test"))
     assert "someone else" in reason(who("operator"), Request("job_control", job_owner="dev@example.test"))

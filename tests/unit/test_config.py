@@ -234,6 +234,29 @@ def test_account_display_name_defaults_to_carrier_and_can_be_set(site: Path) -> 
     assert load_config(write(site / "carrier.yml", text), ENV).default_account.display_name == "Ops Bot"
 
 
+def test_account_imap_id_save_sent_and_read_only(site: Path) -> None:
+    from carrier import __version__
+
+    account = load_config(write(site / "carrier.yml", MINIMAL), ENV).default_account
+    assert dict(account.imap_id or {}) == {"name": "Carrier", "version": __version__, "vendor": "Carrier"}
+    assert account.save_sent and not account.read_only
+    extra = "address: carrier@example.test\n    imap_id: {name: Foxmail, version: 7.2}\n" \
+            "    save_sent: false\n    read_only: true"
+    text = edit(MINIMAL, "address: carrier@example.test", extra)
+    account = load_config(write(site / "carrier.yml", text), ENV).default_account
+    assert dict(account.imap_id or {}) == {"name": "Foxmail", "version": "7.2"}
+    assert not account.save_sent and account.read_only
+    off = edit(MINIMAL, "address: carrier@example.test", "address: carrier@example.test\n    imap_id: false")
+    assert load_config(write(site / "carrier.yml", off), ENV).default_account.imap_id is None
+    for value, words in (("{os: {x: 1}}", "ID field os must be text"), ("[a]", "expected false, true"),
+                         ("{nick: x}", "unknown ID field 'nick'")):
+        line = f"address: carrier@example.test\n    imap_id: {value}"
+        bad = edit(MINIMAL, "address: carrier@example.test", line)
+        with pytest.raises(ConfigError, match="imap_id") as info:
+            load_config(write(site / "carrier.yml", bad), ENV)
+        assert words in str(info.value)
+
+
 def test_mail_download_dir_defaults_under_the_state_dir(site: Path) -> None:
     cfg = load_config(write(site / "carrier.yml", "state_dir: /var/lib/carrier\n" + MINIMAL), ENV)
     assert cfg.mail.download_dir == Path("/var/lib/carrier/downloads")
