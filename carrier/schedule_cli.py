@@ -8,19 +8,12 @@ use) or a refusal, with one line on stderr that says what to fix.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 
 import click
 
 from carrier.clikit import config_option, friendly, open_ops
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @click.group("schedule")
@@ -53,9 +46,7 @@ def add_command(config_path: Path | None, name: str, playbook: str, limit: str |
     if as_json:
         click.echo(json.dumps(view.to_dict(), indent=2))
         return
-    r = view.record
-    click.echo(f"schedule {r.name} added: {r.playbook} on {r.limit or '(default limit)'} at {r.cron!r}; "
-               f"next run {_when(view.next_at)}")
+    click.echo(view.added_text())
 
 
 @schedule_group.command("list")
@@ -74,11 +65,7 @@ def list_command(config_path: Path | None, as_json: bool) -> None:
     if not views:
         click.echo("no schedules (add one with `carrier schedule add`)")
     for view in views:
-        r = view.record
-        last = view.recent[0] if view.recent else None
-        shown = "never ran" if last is None else f"{last.state} {_when(last.slot)} {last.job_id or ''}"
-        click.echo(f"{r.name:<20} {r.cron!r:<18} {r.playbook} on {r.limit or '(default)'}  owner {r.owner}  "
-                   f"notify {r.notify}  next {_when(view.next_at)}  last {shown}")
+        click.echo(view.line())
 
 
 @schedule_group.command("remove")

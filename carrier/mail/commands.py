@@ -17,6 +17,9 @@ still run, in order. More than ``max_commands`` command lines make the whole mai
     approve <request> [as <role>] | deny <request> | revoke <fingerprint>
     approve <job> | deny <job> [reason ...]
     token [ttl]
+    schedule add <name> <playbook> [on <pattern>] cron "<m h dom mon dow>" [notify failure|always|never]
+        [key=value ...]
+    schedule list | schedule remove <name>
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from carrier.config import SECRET_NAME
 from carrier.formats import FINGERPRINT_RE as _FPR_RE
 from carrier.formats import JOB_ID_EXAMPLE as _JOB
 from carrier.formats import KEY_NAME_RE as _KEY_RE
-from carrier.formats import ROLE_NAME_RE, is_job_id, pattern_problem, playbook_stem
+from carrier.formats import (
+    ROLE_NAME_RE,
+    FormatError,
+    check_schedule_name,
+    is_job_id,
+    pattern_problem,
+    playbook_stem,
+)
 from carrier.formats import TAG_RE as _TAG_RE
 from carrier.formats import VAR_NAME_RE as _VAR_RE
 
@@ -61,6 +71,10 @@ EXAMPLES: dict[str, str] = {
     "deny": "deny r-abcdefghijkl",
     "revoke": "revoke 0123456789ABCDEF0123456789ABCDEF01234567",
     "token": "token 86400",
+    "schedule": 'schedule add nightly ping on web cron "0 3 * * *"',
+    "schedule add": 'schedule add nightly ping on web cron "0 3 * * *" notify failure',
+    "schedule list": "schedule list",
+    "schedule remove": "schedule remove nightly",
 }
 GRAMMAR = __doc__.split("\n\n")[2].strip("\n") if __doc__ else ""
 
@@ -90,6 +104,10 @@ class Command:
     ttl: int | None = None
     #: job input: the name of a secret to type (never its value).
     secret: str | None = None
+    #: schedule add/remove: the schedule's name; add: its cron expression and when to mail.
+    schedule: str | None = None
+    cron: str | None = None
+    notify: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +274,71 @@ def _job_sub(line: str, lineno: int, rest: str) -> Command:
     raise _bad("job", f"`job {sub[:20]}` is unknown: use `job start`, `job input` or `job screen`")
 
 
+def _schedule_sub(line: str, lineno: int, rest: str) -> Command:
+    sub, _, tail = rest.strip().partition(" ")
+    sub = sub.lower()
+    if sub == "list":
+        _no_more("schedule list", _split("schedule list", tail))
+        return Command("schedule list", line, lineno)
+    if sub == "remove":
+        words = _split("schedule remove", tail)
+        name = _schedule_name("schedule remove", words.pop(0) if words else None)
+        _no_more("schedule remove", words)
+        return Command("schedule remove", line, lineno, schedule=name)
+    if sub != "add":
+        raise _bad("schedule", f"`schedule {sub[:20]}` is unknown: use `schedule add`, `schedule list` or "
+                   "`schedule remove`")
+    verb = "schedule add"
+    words = _split(verb, tail)
+    name = _schedule_name(verb, words.pop(0) if words else None)
+    if not words:
+        raise _bad(verb, "`schedule add` needs a playbook after the schedule's name")
+    playbook = words.pop(0)
+    stem = playbook_stem(playbook)
+    if stem is None:
+        raise _bad(verb, f"{playbook[:40]!r} is not a playbook name (letters, digits, _ and -)")
+    pattern: str | None = None
+    cron: str | None = None
+    notify: str | None = None
+    extra: dict[str, str] = {}
+    while words:
+        word = words.pop(0)
+        low = word.lower()
+        if low == "on" and pattern is None:
+            pattern = _pattern(verb, words.pop(0) if words else None)
+        elif low == "cron" and cron is None:
+            if not words:
+                raise _bad(verb, '`cron` needs a quoted expression, e.g. cron "0 3 * * *"')
+            cron = words.pop(0)
+        elif low == "notify" and notify is None:
+            notify = (words.pop(0) if words else "").lower()
+            if notify not in ("failure", "always", "never"):
+                raise _bad(verb, "`notify` is failure, always or never")
+        elif "=" in word:
+            key, _, value = word.partition("=")
+            if not _VAR_RE.fullmatch(key):
+                raise _bad(verb, f"{key[:40]!r} is not a variable name (letters, digits, _)")
+            if any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise _bad(verb, f"the value of {key} contains a control character")
+            extra[key] = value
+        else:
+            raise _bad(verb, f"unexpected {word[:40]!r}: after the playbook come `on <hosts>`, "
+                       '`cron "<expression>"`, `notify failure|always|never` and key=value (each once)')
+    if cron is None:
+        raise _bad(verb, '`schedule add` needs `cron "<expression>"` (quoted), e.g. cron "0 3 * * *"')
+    return Command(verb, line, lineno, schedule=name, playbook=stem, pattern=pattern, cron=cron,
+                   notify=notify, extra_vars=tuple(extra.items()))
+
+
+def _schedule_name(verb: str, value: str | None) -> str:
+    if value is None:
+        raise _bad(verb, f"`{verb}` needs a schedule name")
+    try:
+        return check_schedule_name(value)
+    except FormatError as exc:
+        raise _bad(verb, str(exc)) from None
+
+
 def parse_line(line: str, lineno: int = 1) -> Command:
     """One command line; ``_Bad`` (internal) when it is not understood."""
     stripped = line.strip()
@@ -298,6 +381,8 @@ def parse_line(line: str, lineno: int = 1) -> Command:
         return Command(verb, stripped, lineno, pattern=host_pattern)
     if verb == "job":
         return _job_sub(stripped, lineno, rest)
+    if verb == "schedule":
+        return _schedule_sub(stripped, lineno, rest)
     if verb == "confirm":
         words = _split(verb, rest)
         code = words.pop(0) if words else ""
@@ -343,7 +428,7 @@ def parse_line(line: str, lineno: int = 1) -> Command:
     shown = verb_word[:40]
     raise _Bad(
         f"unknown command {shown!r}: commands are run, exec, status, output, kill, jobs, job, "
-        "hosts, playbooks, help, enroll, token (see `help`)",
+        "hosts, playbooks, help, enroll, token, schedule (see `help`)",
         EXAMPLES["run"],
     )
 

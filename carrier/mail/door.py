@@ -54,6 +54,7 @@ from carrier.mail.outbox import Outbox
 from carrier.mail.parse import Headers, parse_headers, parse_message
 from carrier.mail.replies import ReplyBody, Section, Thread
 from carrier.ops import Denied, Ops, Planned
+from carrier.ops.schedules import ScheduleOps
 from carrier.store import Store, approvals
 from carrier.store import gateway as sql
 
@@ -709,6 +710,27 @@ def _verb_revoke(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -
     return _now(StepResult(Section(cmd.line, "ok", outcome.reply), notices=_notices(outcome)))
 
 
+def _verb_schedule_add(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.schedule is not None and cmd.playbook is not None and cmd.cron is not None
+    planned = ScheduleOps(door.ops).plan_add(
+        who, cmd.schedule, cmd.playbook, cron=cmd.cron, limit=cmd.pattern,
+        extra_vars=dict(cmd.extra_vars), notify=cmd.notify or "failure")
+    return _read(planned, lambda view: StepResult(Section(cmd.line, "ok", view.added_text())))
+
+
+def _verb_schedule_list(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    return _read(ScheduleOps(door.ops).plan_list(who), lambda views: StepResult(Section(
+        cmd.line, "ok", f"{len(views)} schedule(s)", block="\n".join(v.line() for v in views) or "(none)")))
+
+
+def _verb_schedule_remove(door: MailDoor, cmd: Command, who: Identity,
+                          signed: _Signed) -> _JobStep | _ReadStep:
+    assert cmd.schedule is not None
+    name = cmd.schedule
+    return _read(ScheduleOps(door.ops).plan_remove(who, name), lambda done: StepResult(Section(
+        cmd.line, "ok", f"schedule {name} removed" if done else f"schedule {name} was already gone")))
+
+
 Verb = Callable[[MailDoor, Command, Identity, _Signed], "_JobStep | _ReadStep"]
 #: Every verb of the grammar, each one call of the operations layer. A verb the grammar knows and
 #: this table does not is a test failure (tests/integration/test_ops_matrix.py).
@@ -718,6 +740,8 @@ VERBS: dict[str, Verb] = {
     "help": _verb_help, "job start": _verb_job_start, "job input": _verb_job_input,
     "job screen": _verb_job_screen, "token": _verb_token, "enroll": _verb_enroll,
     "confirm": _verb_confirm, "approve": _verb_approve, "deny": _verb_deny, "revoke": _verb_revoke,
+    "schedule add": _verb_schedule_add, "schedule list": _verb_schedule_list,
+    "schedule remove": _verb_schedule_remove,
 }
 #: What the optional LLM may propose (read-only verbs and runs; never admin or token verbs).
 PROPOSABLE = ("run", "exec", "status", "output", "jobs", "hosts", "playbooks", "help")

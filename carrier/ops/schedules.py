@@ -39,7 +39,7 @@ from carrier.formats import FormatError, check_schedule_name
 from carrier.jobs.manager import JobView
 from carrier.ops.errors import OpsError
 from carrier.ops.identity import local_role
-from carrier.ops.service import Ops
+from carrier.ops.service import Ops, Planned
 from carrier.store import schedules as sql
 from carrier.store.schedules import ScheduleRecord, ScheduleRun
 from carrier.store.schema import SCHEDULE_NOTIFY
@@ -150,6 +150,21 @@ class ScheduleView:
                 "recent": [{"slot": run.slot, "state": run.state, "job_id": run.job_id,
                             "reason": run.reason, "missed": run.missed_count} for run in self.recent]}
 
+    def added_text(self) -> str:
+        """What a door answers when this schedule was added."""
+        r = self.record
+        return (f"schedule {r.name} added: {r.playbook} on {r.limit or '(default limit)'} at {r.cron!r}; "
+                f"next run {_when(self.next_at)}")
+
+    def line(self) -> str:
+        """One line of a schedule listing: name, cron, what, owner, next and last slot."""
+        r = self.record
+        last = self.recent[0] if self.recent else None
+        shown = ("never ran" if last is None
+                 else f"{last.state} {_when(last.slot)} {last.job_id or ''}".rstrip())
+        return (f"{r.name:<20} {r.cron!r:<18} {r.playbook} on {r.limit or '(default)'}  owner {r.owner}  "
+                f"notify {r.notify}  next {_when(self.next_at)}  last {shown}")
+
 
 class ScheduleOps:
     """The schedule operations of one :class:`Ops` (decided, audited, stored)."""
@@ -157,10 +172,11 @@ class ScheduleOps:
     def __init__(self, ops: Ops) -> None:
         self.ops = ops
 
-    def add(self, who: Identity, name: str, playbook: str, *, cron: str, limit: str | None = None,
-            extra_vars: Mapping[str, Any] | None = None, notify: str = "failure",
-            tool: str | None = None) -> ScheduleView:
-        """Store a schedule of ``playbook`` on ``limit`` owned by ``who`` (decided like running it now)."""
+    def plan_add(self, who: Identity, name: str, playbook: str, *, cron: str, limit: str | None = None,
+                 extra_vars: Mapping[str, Any] | None = None, notify: str = "failure",
+                 tool: str | None = None) -> Planned[ScheduleView]:
+        """Decide storing a schedule of ``playbook`` on ``limit`` owned by ``who`` (decided like running
+        it now); ``run()`` stores it. Refusals are raised (and audited) here, before anything is kept."""
         ops = self.ops
         request = Request("schedule", playbook=str(playbook)[:100], tool=tool)
         try:
@@ -185,26 +201,51 @@ class ScheduleOps:
             # not enrolled would only ever be refused.
             raise ops.refuse(who, request, f"{who.name} is not enrolled: a schedule runs as its owner's "
                              "enrolled identity, so only an enrolled user (or the local user) can own one")
+        if sql.get_schedule(ops.store, name) is not None:
+            raise ops.refuse(who, request, f"a schedule named {name!r} exists: remove it first, or pick "
+                             "another name")
         pattern = limit or info.default_limit or "all"
         hosts = ops._hosts(who, request, pattern)
-        ops.decide(who, Request("schedule", hosts, playbook=info.name, tool=tool, admin_only=info.admin_only,
-                                controller=info.controller))
-        record = sql.add_schedule(ops.store, name=name, owner=who.name, door=who.door, playbook=info.name,
-                                  limit=limit, extra_vars=dict(extra_vars or {}), cron=cron, notify=notify)
-        if record is None:
-            raise OpsError(f"a schedule named {name!r} exists: remove it first, or pick another name")
-        ops.audit.record(who.name, who.door, "schedule:add", target=name, outcome="added",
-                         detail={"playbook": info.name, "limit": pattern, "cron": cron, "notify": notify})
-        return self._view(record)
+        decided = Request("schedule", hosts, playbook=info.name, tool=tool, admin_only=info.admin_only,
+                          controller=info.controller)
+        decision = ops.decide(who, decided)
+
+        def run(_: Any) -> ScheduleView:
+            record = sql.add_schedule(ops.store, name=name, owner=who.name, door=who.door,
+                                      playbook=info.name, limit=limit, extra_vars=dict(extra_vars or {}),
+                                      cron=cron, notify=notify)
+            if record is None:
+                raise OpsError(f"a schedule named {name!r} exists: remove it first, or pick another name")
+            ops.audit.record(who.name, who.door, "schedule:add", target=name, outcome="added",
+                             detail={"playbook": info.name, "limit": pattern, "cron": cron, "notify": notify})
+            return self._view(record)
+
+        return Planned(decided, decision, run)
+
+    def add(self, who: Identity, name: str, playbook: str, *, cron: str, limit: str | None = None,
+            extra_vars: Mapping[str, Any] | None = None, notify: str = "failure",
+            tool: str | None = None) -> ScheduleView:
+        """Store a schedule of ``playbook`` on ``limit`` owned by ``who`` (decided like running it now)."""
+        return self.plan_add(who, name, playbook, cron=cron, limit=limit, extra_vars=extra_vars,
+                             notify=notify, tool=tool).run()
+
+    def plan_list(self, who: Identity, *, tool: str | None = None) -> Planned[list[ScheduleView]]:
+        """Decide listing the caller's schedules (an admin's: everyone's)."""
+        request = Request("schedule", tool=tool)
+        decision = self.ops.decide(who, request)
+
+        def run(_: Any) -> list[ScheduleView]:
+            records = sql.list_schedules(self.ops.store, None if who.admin else who.name)
+            return [self._view(r) for r in records]
+
+        return Planned(request, decision, run)
 
     def list(self, who: Identity, *, tool: str | None = None) -> list[ScheduleView]:
         """The caller's schedules (an admin's: everyone's), with each one's next slot and last runs."""
-        self.ops.decide(who, Request("schedule", tool=tool))
-        records = sql.list_schedules(self.ops.store, None if who.admin else who.name)
-        return [self._view(r) for r in records]
+        return self.plan_list(who, tool=tool).run()
 
-    def remove(self, who: Identity, name: str, *, tool: str | None = None) -> bool:
-        """Delete a schedule (one's own; an admin: anyone's). OpsError when there is none."""
+    def plan_remove(self, who: Identity, name: str, *, tool: str | None = None) -> Planned[bool]:
+        """Decide deleting a schedule (one's own; an admin: anyone's); refused when there is none."""
         ops = self.ops
         request = Request("schedule", tool=tool)
         try:
@@ -214,11 +255,20 @@ class ScheduleOps:
         record = sql.get_schedule(ops.store, name)
         if record is None:
             raise ops.refuse(who, request, f"no schedule named {name!r}: `schedule list` shows them")
-        ops.decide(who, Request("schedule", tool=tool, job_owner=record.owner))
-        done = sql.remove_schedule(ops.store, name)
-        ops.audit.record(who.name, who.door, "schedule:remove", target=name,
-                         outcome="removed" if done else "unchanged", detail={"owner": record.owner})
-        return done
+        decided = Request("schedule", tool=tool, job_owner=record.owner)
+        decision = ops.decide(who, decided)
+
+        def run(_: Any) -> bool:
+            done = sql.remove_schedule(ops.store, name)
+            ops.audit.record(who.name, who.door, "schedule:remove", target=name,
+                             outcome="removed" if done else "unchanged", detail={"owner": record.owner})
+            return done
+
+        return Planned(decided, decision, run)
+
+    def remove(self, who: Identity, name: str, *, tool: str | None = None) -> bool:
+        """Delete a schedule (one's own; an admin: anyone's). OpsError when there is none."""
+        return self.plan_remove(who, name, tool=tool).run()
 
     def _view(self, record: ScheduleRecord) -> ScheduleView:
         return ScheduleView(record, next_slot(record.cron, max(record.checked_at, self.ops.store.clock())),

@@ -135,3 +135,41 @@ def test_free_text_is_prose_without_a_command_verb() -> None:
     assert is_free_text("> run ping on web1\ncould you do that again?")  # quoted lines do not count
     assert not is_free_text("run pnig on web1")  # a mistyped command is answered, not guessed
     assert not is_free_text("hello\nJOBS")
+
+
+def test_schedule_add_list_remove() -> None:
+    cmd = one('schedule add nightly disk_usage on web cron "0 3 * * *" notify Always path=/var')
+    assert (cmd.verb, cmd.schedule, cmd.playbook, cmd.pattern, cmd.cron, cmd.notify) == (
+        "schedule add", "nightly", "disk_usage", "web", "0 3 * * *", "always")
+    assert cmd.extra_vars == (("path", "/var"),)
+    plain = one("Schedule add n1 ping cron @daily")
+    assert (plain.pattern, plain.cron, plain.notify) == (None, "@daily", None)
+    assert one("schedule list").verb == "schedule list"
+    gone = one("schedule remove nightly")
+    assert (gone.verb, gone.schedule) == ("schedule remove", "nightly")
+    assert "schedule add <name> <playbook>" in GRAMMAR
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("schedule", "`schedule ` is unknown"),
+        ("schedule purge", "`schedule purge` is unknown"),
+        ("schedule add", "needs a schedule name"),
+        ("schedule add -x ping cron @daily", "invalid schedule name"),
+        ("schedule add n1", "needs a playbook"),
+        ("schedule add n1 ../x cron @daily", "is not a playbook name"),
+        ("schedule add n1 ping on web", "needs `cron \"<expression>\"`"),
+        ("schedule add n1 ping cron", "`cron` needs a quoted expression"),
+        ('schedule add n1 ping cron "@daily" notify sometimes', "`notify` is failure, always or never"),
+        ('schedule add n1 ping cron "@daily" cron "@hourly"', "each once"),
+        ('schedule add n1 ping cron "@daily" bad-name=1', "is not a variable name"),
+        ("schedule remove", "needs a schedule name"),
+        ("schedule remove a b", "takes no argument 'b'"),
+        ("schedule list all", "takes no argument 'all'"),
+    ],
+)
+def test_schedule_errors_say_what(line: str, fragment: str) -> None:
+    (error,) = parse_commands(line).errors
+    assert fragment in error.message, error.message
+    assert error.example.startswith("schedule")
