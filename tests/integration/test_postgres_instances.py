@@ -88,35 +88,6 @@ def handled_by(serve: Serve) -> int:
                if line.get("msg") == "mail handled" and line.get("outcome") not in ("busy", "already"))
 
 
-def test_two_instances_share_40_mails_each_runs_once_and_is_answered_once(
-    sandbox: Sandbox, pg_cluster: Any
-) -> None:
-    n = 40
-    with instances(sandbox, pg_cluster, 2) as (serves, url), identities(sandbox) as people:
-        for serve in serves:
-            serve.start()
-        tag = token("pg2")
-        sent = [send_signed(sandbox, people["ops"], f"run ping on {HOSTS[i % 3]}", f"{tag} m{i:02d}")[0]
-                for i in range(n)]
-        replies = wait_replies(sandbox, "ops", tag, 2 * n, timeout=600, settle=5.0)
-        assert len(replies) == 2 * n  # an acceptance and a result per mail, nothing twice
-        by_thread: dict[str, list[str]] = {}
-        for reply in replies:
-            by_thread.setdefault(str(reply["In-Reply-To"]), []).append(text_of(reply))
-        assert sorted(by_thread) == sorted(sent)
-        for texts in by_thread.values():
-            assert sum("accepted, job" in t for t in texts) == 1
-            assert sum("succeeded" in t for t in texts) == 1, texts
-        jobs = pg_rows(url, "SELECT status FROM jobs WHERE door = 'mail'")
-        assert len(jobs) == n and {s for (s,) in jobs} == {"succeeded"}
-        assert pg_rows(url, "SELECT state, count(*) FROM messages GROUP BY state") == [("done", n)]
-        # Both instances did work (one mailbox, one store, no double run).
-        assert all(handled_by(serve) > 0 for serve in serves), [handled_by(s) for s in serves]
-        assert sum(handled_by(serve) for serve in serves) == n
-        for serve in serves:
-            assert serve.stop() == 0
-
-
 def test_sigkill_of_one_instance_mid_run_its_jobs_finish_on_the_other(
     sandbox: Sandbox, pg_cluster: Any
 ) -> None:
