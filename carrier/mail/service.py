@@ -982,15 +982,7 @@ class MailService:
         except ComposeError as exc:
             raise MailInputError(str(exc)) from None
         result = self._deliver(account, draft, "mail_reply")
-
-        def answered(client: IMAPClient) -> None:
-            imap.select(client, name, readonly=False)
-            client.add_flags([number], [b"\\Answered"], silent=True)
-
-        try:
-            self._run(account, "mail_reply (flag \\Answered)", answered, retry=False)
-        except CarrierError as exc:  # the reply went out; the flag is a nicety
-            log.info("could not flag the original as answered", extra={"error": str(exc)})
+        self._flag_original(account, name, number, b"\\Answered", "mail_reply")
         return result
 
 
@@ -1309,16 +1301,21 @@ class MailService:
         except ComposeError as exc:
             raise MailInputError(str(exc)) from None
         result = self._deliver(account, draft, "mail_forward")
+        self._flag_original(account, name, number, b"$Forwarded", "mail_forward")
+        return result
 
-        def forwarded(client: IMAPClient) -> None:
-            imap.select(client, name, readonly=False)
-            client.add_flags([number], [b"$Forwarded"], silent=True)
+    def _flag_original(self, account: MailAccount, folder: str, uid: int, flag: bytes, tool: str) -> None:
+        """Flag the mail that was answered or forwarded; the mail already went out, so a failure is
+        only logged (the flag is a nicety, never a reason to send again)."""
+
+        def add(client: IMAPClient) -> None:
+            imap.select(client, folder, readonly=False)
+            client.add_flags([uid], [flag], silent=True)
 
         try:
-            self._run(account, "mail_forward (flag $Forwarded)", forwarded, retry=False)
-        except CarrierError as exc:  # the mail went out; the flag is a nicety
-            log.info("could not flag the original as forwarded", extra={"error": str(exc)})
-        return result
+            self._run(account, f"{tool} (flag {flag.decode()})", add, retry=False)
+        except CarrierError as exc:
+            log.info("could not flag the original mail", extra={"error": str(exc), "flag": flag.decode()})
 
     # --- mail_draft_save / mail_draft_send ---
 
