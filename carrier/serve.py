@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
+import traceback
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,6 +31,10 @@ log = logging.getLogger("carrier.serve")
 
 #: Seconds between attempts to start an MCP HTTP door that could not start.
 HTTP_RETRY_SECONDS = 15.0
+#: Seconds the door threads (listeners, outbox, notifier, scheduler) get, together, to stop.
+THREADS_STOP_SECONDS = 15.0
+#: Seconds the job manager gets to hand its runs back (detachable runs go on regardless).
+JOBS_STOP_SECONDS = 15.0
 
 
 def check_accounts(config: Config) -> list[str]:
@@ -180,20 +187,51 @@ class _Doors:
         self.threads.append(thread)
 
     def close(self) -> None:
+        """Stop every part within one bounded budget; a part that does not stop in time is logged
+        with where it is stuck (daemon threads end with the process: nothing they hold is lost, as
+        mail and job leases are taken over after a restart)."""
+        took: dict[str, float] = {}
+
+        def step(name: str, action: Any) -> None:
+            began = time.monotonic()
+            action()
+            if time.monotonic() - began >= 1.0:
+                took[name] = round(time.monotonic() - began, 1)
+
         with self._http_lock:
             self._closing = True
         if self.http is not None:
-            self.http.stop()
+            step("mcp-http", self.http.stop)
         self.inner_stop.set()
         for event in self._wake:
             event.set()
+        deadline = time.monotonic() + THREADS_STOP_SECONDS
         for listener in self.listeners:
-            listener.join(10)
+            step(f"mail-{listener.account.name}", lambda li=listener: li.join(_left(deadline)))
         for thread in self.threads:
-            thread.join(10)
+            step(thread.name, lambda t=thread: t.join(_left(deadline)))
+        parts = [*(li.thread for li in self.listeners), *self.threads]
+        for thread in [t for t in parts if t is not None and t.is_alive()]:
+            log.warning("still busy at shutdown; leaving it to end with the process",
+                        extra={"thread": thread.name, "at": _where(thread)})
         if self.jobs is not None:
-            self.jobs.close()
+            step("jobs", lambda: self.jobs.close(timeout=JOBS_STOP_SECONDS))
         if self.store is not None and self.door is not None:
             gateway_sql.release_leases_of(self.store, self.door.owner)
         if self.trust is not None and "keyring" in self.trust.__dict__:
             self.trust.keyring.stop_agent()
+        if took:
+            log.info("slow shutdown steps", extra={"seconds": took})
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _where(thread: threading.Thread) -> str:
+    """The innermost few frames of ``thread`` (for a shutdown that does not finish)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is None:
+        return "(ended)"
+    return " <- ".join(f"{f.name} ({Path(f.filename).name}:{f.lineno})"
+                       for f in reversed(traceback.extract_stack(frame)[-6:]))

@@ -119,6 +119,11 @@ class Listener:
                 with contextlib.suppress(Exception):
                     client.shutdown()
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The listener's thread (None before ``start``)."""
+        return self._thread
+
     def join(self, timeout: float = 10.0) -> None:
         self.wake_up()
         if self._thread is not None:

@@ -89,7 +89,12 @@ class Serve:
     def stop(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=60)
+        try:
+            rc = self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"carrier serve did not stop within 90 s of SIGTERM: {self.lines[-30:]}") \
+                from None
         self._reader.join(timeout=10)
         return rc
 
