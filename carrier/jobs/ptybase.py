@@ -41,12 +41,28 @@ MODES = ("auto", "tmux", "plain")
 SIGNALS: dict[str, int] = {"TERM": _signal.SIGTERM, "INT": _signal.SIGINT, "KILL": _signal.SIGKILL,
                            "HUP": _signal.SIGHUP}
 _TERM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+#: sudo's own prompt (its default ``[sudo] password for %p: ``) at the very end of the output.
+SUDO_PROMPT = re.compile(rb"\[sudo\] password for [\w.@-]{1,64}: ?\Z")
+#: sudo says this after a wrong password; the same secret is not typed again.
+_SUDO_WRONG = re.compile(rb"Sorry, try again|incorrect password attempt")
+#: How many times one job answers sudo's prompt by itself (a long session may ask again).
+AUTO_SUDO_MAX = 5
+_PROMPT_TAIL = 512
 _SETTLE = 0.03
 _SCREEN_EVERY = 0.25
 
 
 class PtyError(JobError):
     """A PTY job cannot do what was asked (bad input, finished job, unreachable host)."""
+
+
+@dataclass(slots=True)
+class AutoSudo:
+    """The secret a job answers sudo's prompt with, and how often it has."""
+
+    value: str = dataclasses.field(repr=False)
+    on_answer: Callable[[int], None] | None = None
+    count: int = 0
 
 
 # --------------------------------------------------------------------------- records and checks
@@ -219,6 +235,8 @@ class PtyJob:
         #: Secrets typed into this job (job_input secret=...): masked in its kept output and screens.
         self._masks: list[str] = []
         self._held = b""  # output that may be the start of a secret (see _mask_bytes)
+        self._auto: AutoSudo | None = None
+        self._tail = b""  # the last output bytes, where sudo's prompt is looked for
 
     # ----------------------------------------------------------------- secrets
 
@@ -254,9 +272,48 @@ class PtyJob:
             self._masks.append(value)
         return self.input(value, ["Enter"])
 
+    def auto_sudo(self, value: str, on_answer: Callable[[int], None] | None = None) -> None:
+        """Answer sudo's password prompt with ``value`` whenever it shows at the end of the output
+        (masked like ``input_secret``), until sudo says the password was wrong or ``AUTO_SUDO_MAX``
+        answers; ``on_answer(count)`` is told each time (for the job's events)."""
+        if not value:
+            raise PtyError("the secret is empty")
+        if value not in self._masks:
+            self._masks.append(value)
+        self._auto = AutoSudo(value, on_answer)
+
+    def _watch_prompt(self, data: bytes) -> None:
+        auto = self._auto
+        if auto is None:
+            return
+        self._tail = (self._tail + data)[-_PROMPT_TAIL:]
+        if auto.count and _SUDO_WRONG.search(self._tail):
+            self._auto = None  # the secret is wrong: typing it again would only lock the account
+            log.warning("pty auto_sudo stopped: sudo refused the password", extra={"job": self.job_id})
+            return
+        if not SUDO_PROMPT.search(self._tail) or auto.count >= AUTO_SUDO_MAX:
+            return
+        auto.count += 1
+        self._tail = b""
+        # Typed from another thread: this one reads the output the typing may need to flow.
+        threading.Thread(target=self._answer, args=(auto,), name=f"carrier-sudo-{self.job_id}",
+                         daemon=True).start()
+
+    def _answer(self, auto: AutoSudo) -> None:
+        try:
+            self.input(auto.value, ["Enter"])
+        except JobError as exc:  # ended meanwhile
+            log.info("pty auto_sudo answer not sent", extra={"job": self.job_id, "error": str(exc)})
+            return
+        if auto.on_answer is not None:
+            with contextlib.suppress(Exception):
+                auto.on_answer(auto.count)
+
     # ----------------------------------------------------------------- hot path and end
 
     def _feed(self, data: bytes) -> None:
+        if self._auto is not None:
+            self._watch_prompt(data)
         if self._masks:
             data = self._mask_bytes(data)
         self.log.append(data)

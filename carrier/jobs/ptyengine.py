@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from carrier.ansible.errors import EngineError
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl
+from carrier.errors import ConfigError
 from carrier.jobs.errors import JobError
 from carrier.jobs.manager import JobContext, JobView, Manager, Outcome, Submission
 from carrier.jobs.pty import (
@@ -94,9 +95,12 @@ class PtyEngine:
     detachable = True
 
     def __init__(self, inventory: Inventory, ssh: SshControl, *, runner: PtyRunner | None = None,
-                 memory_bytes: int | None = None, disk_bytes: int | None = None) -> None:
+                 memory_bytes: int | None = None, disk_bytes: int | None = None,
+                 secrets: Callable[[str], str] | None = None) -> None:
         self.inventory = inventory
         self.ssh = ssh
+        #: Reads a named secret's value (for ``auto_sudo``); None: no secrets in this job system.
+        self.secrets = secrets
         kwargs: dict[str, Any] = {}
         if memory_bytes is not None:
             kwargs["memory_bytes"] = memory_bytes
@@ -136,6 +140,11 @@ class PtyEngine:
             "rows": request.get("rows") if request.get("rows") is not None else DEFAULT_ROWS,
             "mode": request.get("mode") or "auto",
         }
+        auto = request.get("auto_sudo")
+        if auto is not None:
+            if not isinstance(auto, str) or not auto:
+                raise EngineError("auto_sudo must be the name of a secret under secrets:")
+            spec["auto_sudo"] = auto  # its name only: the value is read when the job starts
         _spec_from("j-aaaaaaaaaaaa", spec)  # every check of PtySpec, before a job exists
         return Submission(target=host, spec=spec, hosts=(host,))
 
@@ -144,10 +153,34 @@ class PtyEngine:
             return Outcome("cancelled", "cancelled", f"cancelled by {ctx.cancelled_by or 'someone'} "
                                                      "before it started")
         spec = _spec_from(ctx.job.id, ctx.job.spec)
+        try:
+            answer = self._auto_sudo_value(ctx)
+        except ConfigError as exc:  # names the secret and its file, never a value
+            return Outcome("failed", "secret", f"failed before it started: {exc}")
         job = self.runner.start(spec, self.inventory.conn(spec.host), ctx.run_dir)
         ctx.emit("pty.started", {"mode": job.mode, "host": spec.host, "term": spec.term,
                                  "cols": spec.cols, "rows": spec.rows})
+        self._arm(ctx, job, answer)
         return self._supervise(ctx, job)
+
+    def _auto_sudo_value(self, ctx: JobContext) -> str | None:
+        name = ctx.job.spec.get("auto_sudo")
+        if not name:
+            return None
+        if self.secrets is None:
+            raise ConfigError(f"secret {name!r} is not available to this job system")
+        return self.secrets(str(name))
+
+    def _arm(self, ctx: JobContext, job: PtyJob, answer: str | None) -> None:
+        """Let ``job`` answer sudo's prompt with the role's secret (the event names the secret only)."""
+        if answer is None:
+            return
+        name = str(ctx.job.spec.get("auto_sudo"))
+
+        def answered(count: int) -> None:
+            ctx.emit("pty.auto_sudo", {"secret": name, "count": count})
+
+        job.auto_sudo(answer, answered)
 
     def resume(self, ctx: JobContext) -> Outcome | None:
         state = load_state(ctx.run_dir)
@@ -165,6 +198,10 @@ class PtyEngine:
         except PtyError as exc:
             return Outcome("lost", "lost", f"lost: {exc}")
         ctx.emit("pty.reattached", {"host": host, "cursor": job.log.end})
+        try:
+            self._arm(ctx, job, self._auto_sudo_value(ctx))
+        except ConfigError as exc:  # the job goes on; only the automatic answer is off
+            ctx.emit("pty.auto_sudo_off", {"secret": str(ctx.job.spec.get("auto_sudo")), "error": str(exc)})
         return self._supervise(ctx, job)
 
     def cancel_orphan(self, job: JobRecord, run: JobRunRecord) -> bool:

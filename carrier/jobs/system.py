@@ -32,8 +32,9 @@ class JobSystem:
     pty: PtyEngine
     nodes: NodePool
 
-    def close(self) -> None:
-        self.manager.close()
+    def close(self, timeout: float = 30.0) -> None:
+        """Hand the runs back (``Manager.close``, within ``timeout``) and close the pty connections."""
+        self.manager.close(timeout)
         self.pty.close()  # control connections; tmux-backed jobs keep running for the next manager
 
 
@@ -48,7 +49,7 @@ def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
     catalog = Catalog(playbook_dirs)
     ssh = SshControl(state_dir)
     nodes = NodePool.build(execution_nodes, inventory)
-    pty = PtyEngine(inventory, ssh)
+    pty = PtyEngine(inventory, ssh, secrets=secrets)
     engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog, secrets=secrets, nodes=nodes),
                              AdhocEngine(inventory, ssh, secrets=secrets, nodes=nodes),
                              ExecEngine(inventory, ssh), pty]

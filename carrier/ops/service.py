@@ -27,7 +27,7 @@ from carrier.ansible.ssh import MasterInfo
 from carrier.auth.audit import Audit
 from carrier.auth.enrollment import Outcome as EnrollOutcome
 from carrier.auth.errors import AuthError
-from carrier.auth.policy import Decision, HostRef, Identity, Policy, Request, become_secret
+from carrier.auth.policy import Decision, HostRef, Identity, Policy, Request, auto_sudo_secret, become_secret
 from carrier.auth.tokens import IssuedToken
 from carrier.config import SECRET_NAME, Config
 from carrier.errors import CarrierError
@@ -551,11 +551,15 @@ class Ops:
                 options[name] = value
         spec = {"host": host, "command": cmd if isinstance(cmd, str) else list(cmd), "shell": use_shell,
                 "controller": self._controller(who), **options}
+        detail: dict[str, Any] = {"command": text[:200]}
+        answer = auto_sudo_secret(role)
+        if answer:  # the role's policy: sudo's prompt is answered with its become secret
+            spec["auto_sudo"] = detail["auto_sudo"] = answer
 
         def run(within: Within | None) -> JobView:
             view = self._submit(who, lambda: self.jobs.manager.submit("pty", spec, owner=who.name,
                                                                        door=who.door),
-                                within, {"command": text[:200]})
+                                within, detail)
             return self.ptys.started(view, wait=wait) if wait > 0 else view
 
         return self._plan(who, request, run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,3 +241,49 @@ def test_tmux_job_is_found_again_by_a_new_runner(tmp_path: Path) -> None:
         second.close()
     with pytest.raises(PtyError, match="ses"):
         PtyRunner(None, tmux_socket=SOCKET).reattach(job.job_id, LOCAL, tmp_path / job.job_id)
+
+
+# --------------------------------------------------------------------------- auto_sudo
+
+
+#: A stand-in for sudo's prompt loop: asks, reads without echo, says "Sorry" on a wrong answer.
+FAKE_SUDO = textwrap.dedent("""
+    import getpass, sys
+    echo = "[sudo] password for carrier-sbx: is what sudo asks"
+    print(echo, flush=True)  # the prompt's words mid-line: not a prompt, nothing is typed
+    for attempt in range(3):
+        got = getpass.getpass("[sudo] password for carrier-sbx: ")
+        if got == sys.argv[1]:
+            print("SUDO-OK", flush=True)
+            sys.exit(0)
+        print("Sorry, try again.", flush=True)
+    print("3 incorrect password attempts", flush=True)
+    sys.exit(1)
+""")
+
+
+@pytest.mark.parametrize("mode", ["plain", "tmux"])
+def test_auto_sudo_answers_the_prompt_once_and_masks_it(runner: PtyRunner, tmp_path: Path, mode: str) -> None:
+    secret = "s3cret-Pa55"
+    job = start(runner, tmp_path, [sys.executable, "-c", FAKE_SUDO, secret], mode=mode)
+    answers: list[int] = []
+    job.auto_sudo(secret, answers.append)
+    info = job.wait_exit(20)
+    assert info is not None and info.succeeded, job.output(0).text()
+    until(lambda: answers == [1], 5)
+    assert "SUDO-OK" in job.output(0).text() and secret not in job.output(0).text()
+
+
+@pytest.mark.parametrize("mode", ["plain", "tmux"])
+def test_auto_sudo_types_a_wrong_secret_only_once(runner: PtyRunner, tmp_path: Path, mode: str) -> None:
+    job = start(runner, tmp_path, [sys.executable, "-c", FAKE_SUDO, "the-right-one"], mode=mode)
+    answers: list[int] = []
+    job.auto_sudo("a-wrong-one", answers.append)
+    # sudo asks again after "Sorry": the same secret is not typed twice, the prompt waits for a person.
+    assert job.wait(r"Sorry, try again\.", timeout=20).reason == "match"
+    until(lambda: job.output(0).text().count("password for carrier-sbx:") >= 3, 10, "the second prompt")
+    time.sleep(0.5)  # room for a wrong second answer, which `answers` would then show
+    job.input("the-right-one", ["enter"])
+    info = job.wait_exit(20)
+    assert info is not None and info.succeeded, job.output(0).text()
+    assert answers == [1]

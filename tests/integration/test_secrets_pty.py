@@ -170,3 +170,66 @@ def test_job_input_secret_by_signed_mail(sandbox: Sandbox, workdir: Path) -> Non
         assert not any(password in t for t in texts + denied_texts)  # the replies
         assert not _found_in(directory / "state", password)  # the store, outputs, screens
         _two_allowed_rows_name_the_secret(directory / "state")
+
+
+# --------------------------------------------------------------------------- auto_sudo
+
+#: No `read`: nobody types anything; sudo's prompt is answered by the role's policy.
+SUDO_ONLY = "sudo -k; sudo true && echo SUDO-OK"
+
+
+def test_auto_sudo_answers_over_mcp(sandbox: Sandbox, workdir: Path) -> None:
+    password = _password(sandbox)
+    roles = {**ROLES, "web": {"playbooks": ["*"], "hosts": "all", "exec": True, "shell": True, "pty": True,
+                              "become_secret": "web_sudo", "auto_sudo": True}}
+    config = load(write_door_config(sandbox, workdir, port_shift=34, mcp={"stdio_role": "web"},
+                                    extra={"roles": roles, "secrets": _secrets(sandbox, workdir)}))
+    server, context = build_server(config, modules=("carrier.mcp.tools_ops",))
+    results: list[Any] = []
+
+    async def session() -> None:
+        async with Client(server) as client:
+            started = data_of(await client.call_tool("job_start", {"host": "web1", "command": SUDO_ONLY}))
+            done = data_of(await client.call_tool("job_wait", {"job_id": started["job_id"], "timeout": 60}))
+            output = data_of(await client.call_tool("job_output", {"job_id": started["job_id"]}))
+            results.extend([started, done, output])
+            assert done["done"] and done["job"]["status"] == "succeeded", done
+            assert "SUDO-OK" in output["text"] and "password for" in output["text"], output
+
+    try:
+        anyio.run(session)
+    finally:
+        context.close()
+    assert password not in json.dumps(results)
+    assert not _found_in(config.state_dir, password)
+    # The job's start row names the secret that answers; its events say it answered, by name.
+    assert any("start" in r and re.search(r'"auto_sudo": ?"web_sudo"', r) for r in _audit(config.state_dir))
+    events = [e for db in config.state_dir.rglob("*.db") for e in _auto_sudo_events(db)]
+    assert events and all(json.loads(e)["secret"] == "web_sudo" for e in events), events
+
+
+def _auto_sudo_events(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'job_events'").fetchone():
+            return []
+        return [r[0] for r in conn.execute("SELECT data FROM job_events WHERE type = 'pty.auto_sudo'")]
+
+
+def test_auto_sudo_answers_a_job_started_by_signed_mail(sandbox: Sandbox, workdir: Path) -> None:
+    password = _password(sandbox)
+    roles = {
+        "operator": {"playbooks": ["*"], "hosts": "all", "exec": True, "pty": True},
+        "admin": {"playbooks": ["*"], "hosts": "all", "exec": True, "shell": True, "pty": True,
+                  "become_secret": "web_sudo", "auto_sudo": True},
+    }
+    with serving(sandbox, roles=roles, secrets=_secrets(sandbox, workdir)) as (serve, directory), \
+            identities(sandbox) as people:
+        serve.start()
+        tag = token("autosudo")
+        send_signed(sandbox, people["admin"], f"job start web1 {SUDO_ONLY}", tag)
+        result, texts = _reply_with(sandbox, "admin", tag, 2, "succeeded")
+        assert "SUDO-OK" in result, result
+        serve.stop()
+        assert password not in json.dumps(serve.lines)
+        assert not any(password in t for t in texts)
+        assert not _found_in(directory / "state", password)
