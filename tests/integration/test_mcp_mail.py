@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import base64
 import email
-import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from email.policy import default
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from mail_support import TcpProxy, find_uids, imap_as, simple_message, token, wr
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver import MCPServer
+from mcp_mail_support import MAILBOX, in_process, ok
 from mcp_types import CallToolResult
 
 from carrier import __version__
@@ -44,20 +44,6 @@ TEN = {
     "mail_attachment_get",
     "mail_reply",
 }
-#: Issue 15's mailbox toolset (tests/integration/test_mcp_mailbox.py drives each).
-MAILBOX = {
-    "mail_accounts",
-    "mail_forward",
-    "mail_draft_save",
-    "mail_draft_send",
-    "mail_delete",
-    "mail_archive",
-    "mail_flags",
-    "mail_folder_create",
-    "mail_folder_rename",
-    "mail_folder_delete",
-    "mail_attachment_save",
-}
 TOOLS = TEN | MAILBOX
 
 
@@ -76,13 +62,6 @@ def carrier_mcp_command(config: Path) -> StdioServerParameters:
         env={"PYTHONUNBUFFERED": "1"},
     )
 
-
-def ok(result: CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    assert isinstance(result.structured_content, dict)
-    text = result.content[0].text  # type: ignore[union-attr]
-    assert json.loads(text) == result.structured_content  # the text block carries the same JSON
-    return result.structured_content
 
 
 def tool_error(result: CallToolResult) -> str:
@@ -122,12 +101,6 @@ def served(config: Config) -> Iterator[tuple[MCPServer, ServerContext]]:
     context.close()
 
 
-def in_process(server: MCPServer, body: Callable[[Client], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with Client(server) as client:
-            await body(client)
-
-    anyio.run(main)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import email
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
@@ -20,6 +20,7 @@ from mail_support import deliver, find_uids, imap_as, simple_message, token, wri
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver import MCPServer
+from mcp_mail_support import MAILBOX, in_process, ok
 from mcp_types import CallToolResult
 from ruamel.yaml import YAML
 
@@ -32,27 +33,8 @@ from carrier.sandbox.manager import Sandbox, dump_yaml
 pytestmark = pytest.mark.sandbox
 
 REPO = Path(__file__).resolve().parents[2]
-MAILBOX = {
-    "mail_accounts",
-    "mail_forward",
-    "mail_draft_save",
-    "mail_draft_send",
-    "mail_delete",
-    "mail_archive",
-    "mail_flags",
-    "mail_folder_create",
-    "mail_folder_rename",
-    "mail_folder_delete",
-    "mail_attachment_save",
-}
 DESTRUCTIVE = {"mail_delete", "mail_folder_delete", "mail_folder_rename"}
 
-
-def ok(result: CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    assert isinstance(result.structured_content, dict)
-    assert json.loads(result.content[0].text) == result.structured_content  # type: ignore[union-attr]
-    return result.structured_content
 
 
 def refused(result: CallToolResult, *words: str) -> str:
@@ -85,12 +67,6 @@ def served(config_path: Path) -> Iterator[tuple[MCPServer, ServerContext]]:
     context.close()
 
 
-def in_process(server: MCPServer, body: Callable[[Client], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with Client(server) as client:
-            await body(client)
-
-    anyio.run(main)
 
 
 def with_attachment(subject: str, payload: bytes) -> EmailMessage:

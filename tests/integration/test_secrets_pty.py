@@ -105,13 +105,18 @@ def test_job_input_secret_over_mcp(sandbox: Sandbox, workdir: Path) -> None:
             assert f"typed:{MASK}" in output["text"], output["text"]
             assert f"typed:{MASK}" in json.dumps(screen)
 
+    _run_leaving_no_trace(session, context, results, config.state_dir, password)
+    _two_allowed_rows_name_the_secret(config.state_dir)
+
+
+def _run_leaving_no_trace(session: Any, context: Any, results: list[Any], state: Path, password: str) -> None:
+    """Run the MCP ``session``; then the secret is in no tool result and nowhere under ``state``."""
     try:
         anyio.run(session)
     finally:
         context.close()
     assert password not in json.dumps(results)
-    assert not _found_in(config.state_dir, password)
-    _two_allowed_rows_name_the_secret(config.state_dir)
+    assert not _found_in(state, password)
 
 
 def _two_allowed_rows_name_the_secret(state: Path) -> None:
@@ -196,12 +201,7 @@ def test_auto_sudo_answers_over_mcp(sandbox: Sandbox, workdir: Path) -> None:
             assert done["done"] and done["job"]["status"] == "succeeded", done
             assert "SUDO-OK" in output["text"] and "password for" in output["text"], output
 
-    try:
-        anyio.run(session)
-    finally:
-        context.close()
-    assert password not in json.dumps(results)
-    assert not _found_in(config.state_dir, password)
+    _run_leaving_no_trace(session, context, results, config.state_dir, password)
     # The job's start row names the secret that answers; its events say it answered, by name.
     assert any("start" in r and re.search(r'"auto_sudo": ?"web_sudo"', r) for r in _audit(config.state_dir))
     events = [e for db in config.state_dir.rglob("*.db") for e in _auto_sudo_events(db)]
