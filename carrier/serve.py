@@ -31,6 +31,8 @@ log = logging.getLogger("carrier.serve")
 
 #: Seconds between attempts to start an MCP HTTP door that could not start.
 HTTP_RETRY_SECONDS = 15.0
+#: How often the main thread wakes to run the Python signal handlers.
+SIGNAL_CHECK_SECONDS = 0.5
 #: Seconds the door threads (listeners, outbox, notifier, scheduler) get, together, to stop.
 THREADS_STOP_SECONDS = 15.0
 #: Seconds the job manager gets to hand its runs back (detachable runs go on regardless).
@@ -83,7 +85,11 @@ def serve_forever(config_path: Path | None, *, stop: threading.Event | None = No
             "config": str(config.path), "accounts": [a.name for a in config.accounts],
             "inventory": str(config.inventory), "account_problems": len(problems),
         })
-        stop.wait()
+        # Never an untimed wait: a SIGTERM the kernel hands to another thread only sets a flag the
+        # main thread checks when it runs, and an untimed lock wait never runs (`carrier serve` then
+        # ignored SIGTERM until a second one happened to land on the main thread).
+        while not stop.wait(SIGNAL_CHECK_SECONDS):
+            pass
     finally:
         if doors is not None:
             doors.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -113,9 +114,35 @@ def _until_ready(proc: subprocess.Popen[str], timeout: float = 60) -> list[dict[
 
 def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    return _ended(proc)
+
+
+def _ended(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """stdout and stderr once ``proc`` ended by itself, or a failure (and a kill: a `carrier serve`
+    left running would answer the mail of every later test on this sandbox)."""
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=30)
+        pytest.fail("carrier serve did not stop within 30 s of SIGTERM")
     assert proc.returncode == 0, err
     return out, err
+
+
+def test_serve_stops_on_a_sigterm_delivered_to_any_of_its_threads(sandbox: Sandbox) -> None:
+    """The kernel hands a process's signal to any thread; Python runs the handler on the main one.
+    Each thread of `carrier serve` gets a SIGTERM of its own (tgkill), the main thread last of all."""
+    proc = _serve(sandbox.layout.config_file)
+    try:
+        _until_ready(proc)
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
+        assert len(tids) >= 3, tids  # listener, outbox, notifier, scheduler, jobs, http...
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.tgkill(proc.pid, tids[-1], signal.SIGTERM) == 0, ctypes.get_errno()
+    finally:
+        _, err = _ended(proc)
+    assert "stopped" in err
 
 
 def test_serve_runs_against_the_sandbox(sandbox: Sandbox) -> None:
