@@ -170,10 +170,24 @@ class MailDoor:
                 self._signer = fpr
             return self._signer
 
-    def reply_key(self, name: str, fingerprint: str | None, incoming_encrypted: bool) -> str | None:
-        """The key to encrypt a reply to the user ``name`` to (their ``encrypt`` setting), or None."""
+    def reply_crypto(
+        self, name: str, fingerprint: str | None, incoming_encrypted: bool
+    ) -> crypto.ReplyCrypto:
+        """How a reply to the user ``name`` goes out (their ``encrypt`` setting, their key)."""
         mode = user_settings.get_settings(self.store, name).encrypt
-        return crypto.reply_key(self.trust.keyring, fingerprint, mode, incoming_encrypted, self.store.clock())
+        how = crypto.reply_crypto(self.trust.keyring, fingerprint, mode, incoming_encrypted,
+                                  self.store.clock())
+        if how.withheld:
+            log.warning("reply withheld: encryption wanted but the key cannot encrypt",
+                        extra={"identity": name, "fingerprint": fingerprint or "", "encrypt": mode})
+        return how
+
+    @staticmethod
+    def job_mail_body(how: crypto.ReplyCrypto, view: JobView, body: ReplyBody) -> ReplyBody:
+        """A job's result or progress mail ``body``, or its withheld stand-in (:mod:`carrier.mail.crypto`)."""
+        if how.withheld:
+            return replies.render_sections(crypto.withheld_result(how.withheld, view))
+        return body
 
     def _own(self) -> list[str]:
         return [a.address.lower() for a in self.config.accounts]
@@ -313,10 +327,12 @@ class MailDoor:
             sections.extend(self._commands(account, key, parsed, identity, thread,
                                            _Signed(raw, message_key, received_at,
                                                    auth.signature.digest, encrypted)))
-        body = replies.render_sections(sections, footer=f"{identity.name} ({identity.role})")
         # Read after the commands ran: the reply to `settings encrypt on` is encrypted already.
-        encrypt_to = self.reply_key(identity.name, identity.fingerprint, encrypted)
-        msg_id, out = self._mail(account, thread, body, encrypt_to=encrypt_to)
+        how = self.reply_crypto(identity.name, identity.fingerprint, encrypted)
+        if how.withheld:
+            sections = crypto.withheld_sections(how.withheld, sections)
+        body = replies.render_sections(sections, footer=f"{identity.name} ({identity.role})")
+        msg_id, out = self._mail(account, thread, body, encrypt_to=how.key)
         self._finish(account, key, ok=True, reply=(msg_id, out, sender))
         return "answered"
 
@@ -798,6 +814,14 @@ def key_hash(key: str) -> str:
 PREVIEW_WAIT = 180.0
 
 
+def _job_reply_crypto(door: MailDoor, reply: dict[str, Any]) -> crypto.ReplyCrypto:
+    """How a mailed job's result and progress mails go out (rows from before reply encryption carry
+    no key: their mails go signed only)."""
+    key = reply.get("key")
+    return door.reply_crypto(str(reply.get("owner", "")), key if isinstance(key, str) else None,
+                             bool(reply.get("encrypted")))
+
+
 class Notifier:
     """Queues the result mail of each job started by mail (and progress mails while it runs)."""
 
@@ -828,13 +852,11 @@ class Notifier:
             domain = sender_domain(account.address)
             if view.done:
                 events, _ = door.jobs.manager.output(view.id, 0, 10_000)
-                body = replies.render_result(view, events, body_limit=door.config.mail.body_limit,
-                                             screen=_last_screen(view))
-                # Rows from before reply encryption carry no key: their result goes signed only.
-                encrypt_to = door.reply_key(str(watched.reply.get("owner", "")), watched.reply.get("key"),
-                                            bool(watched.reply.get("encrypted")))
+                how = _job_reply_crypto(door, watched.reply)
+                body = door.job_mail_body(how, view, replies.render_result(
+                    view, events, body_limit=door.config.mail.body_limit, screen=_last_screen(view)))
                 msg_id, raw = door._mail(account, thread, body, message_id=f"<result.{view.id}@{domain}>",
-                                         encrypt_to=encrypt_to)
+                                         encrypt_to=how.key)
                 with store.transaction():
                     store.outbox_put(account.name, msg_id, [thread.to], raw)
                     sql.job_mailed(store, view.id)
@@ -842,11 +864,12 @@ class Notifier:
             elif store.clock() - watched.progress_at >= self.progress_interval:
                 n = watched.progress_count + 1
                 events, _ = door.jobs.manager.output(view.id, 0, 10_000)
-                body = replies.render_result(
-                    view, events, body_limit=door.config.mail.body_limit, now=store.clock()
-                )
+                how = _job_reply_crypto(door, watched.reply)
+                body = door.job_mail_body(how, view, replies.render_result(
+                    view, events, body_limit=door.config.mail.body_limit, now=store.clock()))
                 msg_id, raw = door._mail(
-                    account, thread, body, message_id=f"<progress.{view.id}.{n}@{domain}>"
+                    account, thread, body, message_id=f"<progress.{view.id}.{n}@{domain}>",
+                    encrypt_to=how.key,
                 )
                 with store.transaction():
                     if sql.progress_sent(store, view.id, n):
