@@ -76,6 +76,9 @@ _REFUSALS = {
     "undecryptable": "Carrier could not decrypt this mail: encrypt it (PGP/MIME) to the key this reply "
     "is signed with, or send the command signed only.",
 }
+#: An encrypted mail without a signature inside (encryption never stands in for a signature).
+_SEALED_UNSIGNED = ("This mail was encrypted but not signed, so nothing ran: Carrier runs only commands "
+                    "signed with your enrolled key. Sign and encrypt it, and send it again.")
 _REFUSED_DEFAULT = "Carrier could not accept the signature of this mail: sign it with your enrolled key."
 
 
@@ -298,9 +301,10 @@ class MailDoor:
             if exc.reason == "not_enrolled":
                 return self._unenrolled(account, key, raw, sender, thread, message_key, received_at)
             log.info("mail refused", extra={"account": account.name, "sender": sender, "reason": exc.reason})
-            body = replies.render_sections(
-                [Section("", "denied", _REFUSALS.get(exc.reason, _REFUSED_DEFAULT))]
-            )
+            sealed = head.get_content_type() == "multipart/encrypted"
+            why = _SEALED_UNSIGNED if sealed and exc.reason == "unsigned" else _REFUSALS.get(
+                exc.reason, _REFUSED_DEFAULT)
+            body = replies.render_sections([Section("", "denied", why)])
             msg_id, out = self._mail(account, thread, body)
             self._finish(account, key, ok=False, error=exc.reason, reply=(msg_id, out, sender))
             return f"refused: {exc.reason}"
