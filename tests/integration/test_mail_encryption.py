@@ -3,9 +3,10 @@
 A mail signed then encrypted to Carrier's key (section 6.1) or signed and encrypted in one OpenPGP
 message (section 6.2) is decrypted, verified as before and run; with ``encrypt auto`` (the default)
 the reply and the job's result come back encrypted to the user's key. ``settings encrypt on|off``
-forces it; an encrypted mail without a signature, or one Carrier cannot decrypt, runs nothing and is
-answered plainly; when encryption is wanted but the user's key cannot encrypt any more, the reply is
-signed only and withholds the content (never the output in clear)."""
+forces it (a schedule's result mail follows ``on`` too); an encrypted mail without a signature, or
+one Carrier cannot decrypt, runs nothing and is answered plainly; when encryption is wanted but the
+user's key cannot encrypt any more, the reply is signed only and withholds the content (never the
+output in clear)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from carrier.sandbox.manager import Sandbox
 
 pytestmark = pytest.mark.sandbox
 
-ROLES = {"operator": {"playbooks": ["*"], "hosts": "all", "exec": True, "pty": True}}
+ROLES = {"operator": {"playbooks": ["*"], "hosts": "all", "exec": True, "pty": True, "schedules": True}}
 PEM = b"-----BEGIN PGP MESSAGE-----"
 
 
@@ -197,6 +198,22 @@ def test_settings_encrypt_on_and_off(sandbox: Sandbox, served: tuple[Serve, Path
     assert rows == [(address("ops"), "mail", "always"), (address("ops"), "mail", "never")]
     decided = db_rows(state, "SELECT outcome FROM audit WHERE action = 'decide:settings'")
     assert [o for (o,) in decided] == ["allowed"] * 3  # settings, on, off (bad lines are not decided)
+
+
+def test_a_schedule_result_follows_encrypt_on(sandbox: Sandbox, served: tuple[Serve, Path, Path]) -> None:
+    with identities(sandbox) as people:
+        ops = people["ops"]
+        (on,) = ask(sandbox, ops, plain, "settings encrypt on\n")
+        assert is_encrypted(on)
+        name = token("s").replace("-", "")[:20]
+        line = f'schedule add {name} ping on web1 cron "* * * * * */5" notify always\n'
+        (added,) = ask(sandbox, ops, plain, line)
+        assert f"schedule {name} added" in text_of(opened(ops, added))
+        result = wait_replies(sandbox, "ops", f"Carrier schedule {name}", 1, timeout=180)[0]
+        assert is_encrypted(result) and b"web1" not in result.as_bytes()
+        assert "web1" in text_of(opened(ops, result))
+        (removed,) = ask(sandbox, ops, plain, f"schedule remove {name}\n")
+        assert f"schedule {name} removed" in text_of(opened(ops, removed))
 
 
 def test_encrypted_but_unsigned_is_refused_and_runs_nothing(
