@@ -214,6 +214,8 @@ def test_every_enrolled_identity_may_change_its_own_settings() -> None:
     for role in ("viewer", "operator", "admin"):
         assert ok(who(role), Request("settings"))
     assert reason(who("ghost"), Request("settings")) == "role 'ghost' is not defined"
+    token = who("operator", scopes=("tools:*",), token_id="t-aaaaaaaaaaaa")
+    assert reason(token, Request("settings")) == "settings is not available with a token"
 
 
 def test_undefined_role_and_unknown_action() -> None:
