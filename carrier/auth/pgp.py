@@ -27,7 +27,7 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from typing import Literal
@@ -60,6 +60,8 @@ class VerifiedSignature:
     form: Form
     #: PGP/MIME: the signed MIME entity (CRLF), e.g. to read a key attached inside it.
     signed_entity: bytes | None = None
+    #: The mail came encrypted (RFC 3156 multipart/encrypted) and was decrypted with Carrier's key.
+    encrypted: bool = False
 
 
 # --------------------------------------------------------------------------- gpg's verdict
@@ -330,18 +332,25 @@ def verify_mail(keyring: Keyring, raw: bytes, expected: str) -> VerifiedSignatur
     """Verify a whole received message (raw bytes) against the ``expected`` primary fingerprint.
 
     PGP/MIME is tried when the top-level type is multipart/signed, otherwise an inline clear-signed
-    block in the first text/plain part. Raises VerificationError (``.reason`` says why).
+    block in the first text/plain part. A ``multipart/encrypted`` mail (RFC 3156) is decrypted with
+    Carrier's key first and what it holds is verified the same way: encryption never stands in for
+    a signature. Raises VerificationError (``.reason`` says why).
     """
     expected = normalize_fingerprint(expected)
-    canon = canonical_crlf(raw)
+    return _verify_entity(keyring, canonical_crlf(raw), expected, outer=True)
+
+
+def _verify_entity(keyring: Keyring, canon: bytes, expected: str, *, outer: bool) -> VerifiedSignature:
     head_bytes, body = _split_head(canon)
     head = _headers(head_bytes)
     ctype = head.get_content_type()
     if ctype == "multipart/signed":
         return _verify_pgp_mime(keyring, head, body, expected)
     if ctype == "multipart/encrypted":
-        raise VerificationError("encrypted mail is not read: send commands signed, not encrypted",
-                                reason="unsigned")
+        if not outer:
+            raise VerificationError("an encrypted mail inside an encrypted mail is not read: encrypt once",
+                                    reason="malformed")
+        return _verify_encrypted(keyring, head, body, expected)
     message = BytesParser(policy=email.policy.default).parsebytes(canon)
     part = _first_text(message)
     if part is None:
@@ -350,6 +359,69 @@ def verify_mail(keyring: Keyring, raw: bytes, expected: str) -> VerifiedSignatur
     payload = part.get_payload(decode=True)
     data = payload if isinstance(payload, bytes) else b""
     return verify_clearsigned(keyring, data, expected, charset=part.get_content_charset() or "utf-8")
+
+
+_UNDECRYPTABLE = ("Carrier could not decrypt this mail: encrypt it to Carrier's own key (the one its "
+                  "replies are signed with) as PGP/MIME, or send the command signed only")
+
+
+def encrypted_payload(head: Message, body: bytes) -> bytes:
+    """The armored OpenPGP message of an RFC 3156 ``multipart/encrypted`` body (nothing decrypted)."""
+    protocol = str(head.get_param("protocol", "") or "").lower()
+    if protocol != "application/pgp-encrypted":
+        raise VerificationError(f"multipart/encrypted with protocol {protocol or 'none'}: only "
+                                "application/pgp-encrypted (PGP/MIME) is read", reason="undecryptable")
+    boundary = head.get_boundary()
+    if not boundary:
+        raise VerificationError("multipart/encrypted without a boundary", reason="malformed")
+    parts = split_multipart(body, boundary)
+    if len(parts) != 2:
+        raise VerificationError(f"multipart/encrypted must have 2 parts, this one has {len(parts)}",
+                                reason="malformed")
+    control = BytesParser(policy=email.policy.default).parsebytes(parts[0])
+    if control.get_content_type() != "application/pgp-encrypted":
+        raise VerificationError("the first part of multipart/encrypted is not application/pgp-encrypted",
+                                reason="malformed")
+    sealed = BytesParser(policy=email.policy.default).parsebytes(parts[1])
+    if sealed.get_content_type() != "application/octet-stream":
+        raise VerificationError("the second part of multipart/encrypted is not application/octet-stream",
+                                reason="malformed")
+    payload = sealed.get_payload(decode=True)
+    data = payload if isinstance(payload, bytes) else b""
+    if b"-----BEGIN PGP MESSAGE-----" not in data:
+        raise VerificationError("the encrypted part holds no armored OpenPGP message: " + _UNDECRYPTABLE,
+                                reason="undecryptable")
+    return data
+
+
+def _verify_encrypted(keyring: Keyring, head: Message, body: bytes, expected: str) -> VerifiedSignature:
+    """Decrypt with Carrier's key, then verify as an unencrypted mail: either the decrypted entity
+    is signed (RFC 3156 section 6.1, PGP/MIME or clear-signed inside) or the OpenPGP message was
+    signed and encrypted in one (section 6.2); an encrypted mail without a signature is unsigned."""
+    armored = encrypted_payload(head, body)
+    result = keyring.gpg.decrypt(armored)
+    kinds = [k for k, _ in status_lines(result.stderr)]
+    data = bytes(result.data or b"")
+    if "DECRYPTION_OKAY" not in kinds or "DECRYPTION_FAILED" in kinds or not data:
+        raise VerificationError(_UNDECRYPTABLE, reason="undecryptable")
+    inner = canonical_crlf(data)
+    if "NEWSIG" in kinds:  # signed and encrypted in one OpenPGP message (section 6.2)
+        good = judge(result.stderr, result.returncode, expected)
+        entity = BytesParser(policy=email.policy.default).parsebytes(inner)
+        text_part_ = _first_text(entity)
+        text = _decoded_text(text_part_) if text_part_ is not None else ""
+        return VerifiedSignature(good.fingerprint, good.signing_key, good.signed_at, text, inner,
+                                 signature_digest(good.fingerprint, good.signed_at, inner), "pgp-mime",
+                                 inner, encrypted=True)
+    try:
+        signature = _verify_entity(keyring, inner, expected, outer=False)
+    except VerificationError as exc:
+        if exc.reason == "unsigned":
+            raise VerificationError("the mail is encrypted but not signed: Carrier runs only commands "
+                                    "signed with your enrolled key; sign and encrypt it",
+                                    reason="unsigned") from None
+        raise
+    return replace(signature, encrypted=True)
 
 
 # --------------------------------------------------------------------------- outgoing mail

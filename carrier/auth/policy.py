@@ -43,6 +43,7 @@ Action = Literal[
     "admin",  # approve/deny/revoke enrollments, tokens of others
     "approve",  # approve or deny a job that waits for approval (a signed mail of another person)
     "schedule",  # add/list/remove schedules; each firing of one, as its owner
+    "settings",  # change one's own settings (reply encryption): a signed mail of that person
 ]
 ACTIONS: tuple[str, ...] = get_args(Action)
 TOOL_GROUPS = ("run", "jobs", "mail")
@@ -55,7 +56,7 @@ SCOPE_OF_ACTION: Mapping[str, str | None] = {
     "ssh_control": "run", "inventory": "run",
     "job_read": "jobs", "job_control": "jobs", "job_list": "jobs",
     "mail": "mail", "schedule": "run",
-    "token": None, "enroll": None, "admin": None, "approve": None,
+    "token": None, "enroll": None, "admin": None, "approve": None, "settings": None,
 }
 #: What the strict command filter refuses when a role has no shell (the previous system missed ``&``).
 METACHARACTERS = (";", "&", "|", "`", "$(", "${", ">", "<", "\n", "\r", "\x00")
@@ -411,7 +412,7 @@ def decide(
         return Decision(True, "admin") if identity.admin else _no("only an admin may do this")
     if action == "approve":
         return _approval_decision(identity, request)
-    if action in ("token", "inventory", "enroll"):
+    if action in ("token", "inventory", "enroll", "settings"):
         return Decision(True, f"{action} is open to every enrolled identity")
     if action == "job_list":
         if identity.admin:

@@ -20,6 +20,7 @@ still run, in order. More than ``max_commands`` command lines make the whole mai
     schedule add <name> <playbook> [on <pattern>] cron "<m h dom mon dow>" [notify failure|always|never]
         [key=value ...]
     schedule list | schedule remove <name>
+    settings | settings encrypt on|off|auto
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ EXAMPLES: dict[str, str] = {
     "schedule add": 'schedule add nightly ping on web cron "0 3 * * *" notify failure',
     "schedule list": "schedule list",
     "schedule remove": "schedule remove nightly",
+    "settings": "settings encrypt on",
 }
+#: ``settings encrypt`` words -> the stored mode (``carrier.store.schema.ENCRYPT_MODES``).
+ENCRYPT_WORDS = {"on": "always", "always": "always", "off": "never", "never": "never", "auto": "auto"}
 GRAMMAR = __doc__.split("\n\n")[2].strip("\n") if __doc__ else ""
 
 
@@ -108,6 +112,8 @@ class Command:
     schedule: str | None = None
     cron: str | None = None
     notify: str | None = None
+    #: ``settings encrypt <mode>``: the mode (always, never, auto); None shows the settings.
+    encrypt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,12 +431,30 @@ def parse_line(line: str, lineno: int = 1) -> Command:
             ttl = int(value)
         _no_more(verb, words)
         return Command(verb, stripped, lineno, ttl=ttl)
+    if verb == "settings":
+        return _settings(stripped, lineno, rest)
     shown = verb_word[:40]
     raise _Bad(
         f"unknown command {shown!r}: commands are run, exec, status, output, kill, jobs, job, "
-        "hosts, playbooks, help, enroll, token, schedule (see `help`)",
+        "hosts, playbooks, help, enroll, token, schedule, settings (see `help`)",
         EXAMPLES["run"],
     )
+
+
+def _settings(line: str, lineno: int, rest: str) -> Command:
+    words = _split("settings", rest)
+    if not words:
+        return Command("settings", line, lineno)
+    name = words.pop(0).lower()
+    if name != "encrypt":
+        raise _bad("settings", f"unknown setting {name[:40]!r}: the setting is `encrypt`")
+    value = words.pop(0).lower() if words else ""
+    mode = ENCRYPT_WORDS.get(value)
+    if mode is None:
+        raise _bad("settings", "`settings encrypt` needs on, off or auto (auto: encrypted replies to "
+                   "encrypted mail)")
+    _no_more("settings", words)
+    return Command("settings", line, lineno, encrypt=mode)
 
 
 def command_lines(text: str) -> list[tuple[int, str]]:

@@ -38,7 +38,7 @@ from carrier.errors import CarrierError
 from carrier.jobs.manager import JobView
 from carrier.jobs.render import job_text, jobs_table
 from carrier.jobs.system import JobSystem
-from carrier.mail import lease, replies
+from carrier.mail import crypto, lease, replies
 from carrier.mail.commands import (
     EXAMPLES,
     GRAMMAR,
@@ -57,6 +57,7 @@ from carrier.ops import Denied, Ops, Planned
 from carrier.ops.schedules import ScheduleOps
 from carrier.store import Store, approvals
 from carrier.store import gateway as sql
+from carrier.store import settings as user_settings
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,12 @@ _REFUSALS = {
     "replay": "This signed command was already used: sign it again to run it again.",
     "malformed": "Carrier could not read the signed text of this mail (broken MIME or an unknown "
     "charset): send the commands as plain text (UTF-8), signed.",
+    "undecryptable": "Carrier could not decrypt this mail: encrypt it (PGP/MIME) to the key this reply "
+    "is signed with, or send the command signed only.",
 }
+#: An encrypted mail without a signature inside (encryption never stands in for a signature).
+_SEALED_UNSIGNED = ("This mail was encrypted but not signed, so nothing ran: Carrier runs only commands "
+                    "signed with your enrolled key. Sign and encrypt it, and send it again.")
 _REFUSED_DEFAULT = "Carrier could not accept the signature of this mail: sign it with your enrolled key."
 
 
@@ -166,6 +172,25 @@ class MailDoor:
                     )
                 self._signer = fpr
             return self._signer
+
+    def reply_crypto(
+        self, name: str, fingerprint: str | None, incoming_encrypted: bool
+    ) -> crypto.ReplyCrypto:
+        """How a reply to the user ``name`` goes out (their ``encrypt`` setting, their key)."""
+        mode = user_settings.get_settings(self.store, name).encrypt
+        how = crypto.reply_crypto(self.trust.keyring, fingerprint, mode, incoming_encrypted,
+                                  self.store.clock())
+        if how.withheld:
+            log.warning("reply withheld: encryption wanted but the key cannot encrypt",
+                        extra={"identity": name, "fingerprint": fingerprint or "", "encrypt": mode})
+        return how
+
+    @staticmethod
+    def job_mail_body(how: crypto.ReplyCrypto, view: JobView, body: ReplyBody) -> ReplyBody:
+        """A job's result or progress mail ``body``, or its withheld stand-in (:mod:`carrier.mail.crypto`)."""
+        if how.withheld:
+            return replies.render_sections(crypto.withheld_result(how.withheld, view))
+        return body
 
     def _own(self) -> list[str]:
         return [a.address.lower() for a in self.config.accounts]
@@ -276,13 +301,15 @@ class MailDoor:
             if exc.reason == "not_enrolled":
                 return self._unenrolled(account, key, raw, sender, thread, message_key, received_at)
             log.info("mail refused", extra={"account": account.name, "sender": sender, "reason": exc.reason})
-            body = replies.render_sections(
-                [Section("", "denied", _REFUSALS.get(exc.reason, _REFUSED_DEFAULT))]
-            )
+            sealed = head.get_content_type() == "multipart/encrypted"
+            why = _SEALED_UNSIGNED if sealed and exc.reason == "unsigned" else _REFUSALS.get(
+                exc.reason, _REFUSED_DEFAULT)
+            body = replies.render_sections([Section("", "denied", why)])
             msg_id, out = self._mail(account, thread, body)
             self._finish(account, key, ok=False, error=exc.reason, reply=(msg_id, out, sender))
             return f"refused: {exc.reason}"
         identity = auth.identity
+        encrypted = auth.signature.encrypted
         self.store.mark_message_processing(account.name, key)
         parsed = parse_commands(auth.signature.text, max_commands=self.max_commands)
         sections: list[Section] = []
@@ -303,9 +330,13 @@ class MailDoor:
         else:
             sections.extend(self._commands(account, key, parsed, identity, thread,
                                            _Signed(raw, message_key, received_at,
-                                                   auth.signature.digest)))
+                                                   auth.signature.digest, encrypted)))
+        # Read after the commands ran: the reply to `settings encrypt on` is encrypted already.
+        how = self.reply_crypto(identity.name, identity.fingerprint, encrypted)
+        if how.withheld:
+            sections = crypto.withheld_sections(how.withheld, sections)
         body = replies.render_sections(sections, footer=f"{identity.name} ({identity.role})")
-        msg_id, out = self._mail(account, thread, body)
+        msg_id, out = self._mail(account, thread, body, encrypt_to=how.key)
         self._finish(account, key, ok=True, reply=(msg_id, out, sender))
         return "answered"
 
@@ -395,10 +426,12 @@ class MailDoor:
         return handler(self, cmd, identity, signed)
 
     def _run_step(self, account: MailAccount, key: str, idx: int, cmd: Command,
-                  planned: _JobStep | _ReadStep, thread: Thread, identity: Identity) -> Section:
+                  planned: _JobStep | _ReadStep, thread: Thread, identity: Identity,
+                  signed: _Signed) -> Section:
         """Run one decided line and record it (with its job, in the job's own transaction)."""
         if isinstance(planned, _JobStep):
-            reply = {"account": account.name, "thread": thread.to_dict(), "owner": identity.name}
+            reply = {"account": account.name, "thread": thread.to_dict(), "owner": identity.name,
+                     "key": identity.fingerprint, "encrypted": signed.encrypted}
             holder: list[Section] = []
 
             def within(view: JobView) -> None:
@@ -458,7 +491,7 @@ class MailDoor:
         for idx, entry in enumerate(parsed.entries):
             if idx in plans:
                 assert isinstance(entry, Command)
-                sections[idx] = self._run_step(account, key, idx, entry, plans[idx], thread, identity)
+                sections[idx] = self._run_step(account, key, idx, entry, plans[idx], thread, identity, signed)
         return [sections[i] for i in range(len(parsed.entries))]
 
     def _playbooks_for(self, identity: Identity) -> list[str]:
@@ -501,6 +534,8 @@ class _Signed:
     received_at: float
     #: The verified signature's digest (signer, time, signed bytes): what an approval records.
     digest: str = ""
+    #: The mail came encrypted (``encrypt: auto`` answers it, and its jobs' results, encrypted).
+    encrypted: bool = False
 
 
 @dataclass(frozen=True)
@@ -645,6 +680,22 @@ def _verb_token(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) ->
         notices=[(who.name, "Your Carrier token", text, who.fingerprint)]))
 
 
+_ENCRYPT_SHOWN = {
+    "always": "every reply to you is encrypted to your key",
+    "never": "replies to you are signed, not encrypted",
+    "auto": "a reply to an encrypted mail is encrypted to your key; to a signed-only mail, signed only",
+}
+
+
+def _verb_settings(door: MailDoor, cmd: Command, who: Identity, signed: _Signed) -> _JobStep | _ReadStep:
+    if cmd.encrypt is None:
+        current = door.ops.settings(who)
+        return _now(StepResult(Section(cmd.line, "ok", f"encrypt {current.encrypt}: "
+                                       f"{_ENCRYPT_SHOWN[current.encrypt]}")))
+    return _read(door.ops.plan_settings(who, encrypt=cmd.encrypt), lambda done: StepResult(Section(
+        cmd.line, "ok", f"encrypt set to {done.encrypt}: {_ENCRYPT_SHOWN[done.encrypt]}")))
+
+
 def _notices(outcome: EnrollOutcome) -> list[tuple[str, str, str, str | None]]:
     return [(n.to, n.subject, n.text, None) for n in outcome.notices]
 
@@ -742,6 +793,7 @@ VERBS: dict[str, Verb] = {
     "confirm": _verb_confirm, "approve": _verb_approve, "deny": _verb_deny, "revoke": _verb_revoke,
     "schedule add": _verb_schedule_add, "schedule list": _verb_schedule_list,
     "schedule remove": _verb_schedule_remove,
+    "settings": _verb_settings,
 }
 #: What the optional LLM may propose (read-only verbs and runs; never admin or token verbs).
 PROPOSABLE = ("run", "exec", "status", "output", "jobs", "hosts", "playbooks", "help")
@@ -764,6 +816,14 @@ def key_hash(key: str) -> str:
 
 #: How long an approval request waits for its check-mode preview run to end.
 PREVIEW_WAIT = 180.0
+
+
+def _job_reply_crypto(door: MailDoor, reply: dict[str, Any]) -> crypto.ReplyCrypto:
+    """How a mailed job's result and progress mails go out (rows from before reply encryption carry
+    no key: their mails go signed only)."""
+    key = reply.get("key")
+    return door.reply_crypto(str(reply.get("owner", "")), key if isinstance(key, str) else None,
+                             bool(reply.get("encrypted")))
 
 
 class Notifier:
@@ -796,9 +856,11 @@ class Notifier:
             domain = sender_domain(account.address)
             if view.done:
                 events, _ = door.jobs.manager.output(view.id, 0, 10_000)
-                body = replies.render_result(view, events, body_limit=door.config.mail.body_limit,
-                                             screen=_last_screen(view))
-                msg_id, raw = door._mail(account, thread, body, message_id=f"<result.{view.id}@{domain}>")
+                how = _job_reply_crypto(door, watched.reply)
+                body = door.job_mail_body(how, view, replies.render_result(
+                    view, events, body_limit=door.config.mail.body_limit, screen=_last_screen(view)))
+                msg_id, raw = door._mail(account, thread, body, message_id=f"<result.{view.id}@{domain}>",
+                                         encrypt_to=how.key)
                 with store.transaction():
                     store.outbox_put(account.name, msg_id, [thread.to], raw)
                     sql.job_mailed(store, view.id)
@@ -806,11 +868,12 @@ class Notifier:
             elif store.clock() - watched.progress_at >= self.progress_interval:
                 n = watched.progress_count + 1
                 events, _ = door.jobs.manager.output(view.id, 0, 10_000)
-                body = replies.render_result(
-                    view, events, body_limit=door.config.mail.body_limit, now=store.clock()
-                )
+                how = _job_reply_crypto(door, watched.reply)
+                body = door.job_mail_body(how, view, replies.render_result(
+                    view, events, body_limit=door.config.mail.body_limit, now=store.clock()))
                 msg_id, raw = door._mail(
-                    account, thread, body, message_id=f"<progress.{view.id}.{n}@{domain}>"
+                    account, thread, body, message_id=f"<progress.{view.id}.{n}@{domain}>",
+                    encrypt_to=how.key,
                 )
                 with store.transaction():
                     if sql.progress_sent(store, view.id, n):

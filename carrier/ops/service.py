@@ -38,10 +38,14 @@ from carrier.jobs.pty import OutputRead, WaitResult
 from carrier.jobs.ptyengine import PtyJobs
 from carrier.jobs.screen import ScreenView
 from carrier.jobs.system import JobSystem
+from carrier.mail.crypto import key_can_encrypt
 from carrier.nodes.status import NodeStatus
 from carrier.ops.errors import Denied, OpsError
 from carrier.ops.pages import EventPage, read_events
 from carrier.store import EventRecord, Store, TokenRecord, approvals
+from carrier.store import settings as user_settings
+from carrier.store.schema import ENCRYPT_MODES
+from carrier.store.settings import UserSettings
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -703,8 +707,7 @@ class Ops:
         """A token for the enrolled sender of a mail (to be sent encrypted to their key)."""
         self.decide(who, Request("token"))
         trust = self._trust()
-        key = trust.keyring.key(who.fingerprint) if who.fingerprint else None
-        if key is None or not key.can_encrypt or key.revoked or key.expired(trust.clock()):
+        if not key_can_encrypt(trust.keyring, who.fingerprint, trust.clock()):
             raise OpsError("your key has no usable encryption subkey: add one, then ask again "
                            "(a token is only ever sent encrypted)")
         return self._issue(who, who.name, who.role, (), ttl)
@@ -748,6 +751,28 @@ class Ops:
         self.audit.record(who.name, who.door, "token:revoke", target=token_id,
                           outcome="revoked" if done else "unchanged")
         return done
+
+    def settings(self, who: Identity) -> UserSettings:
+        """``who``'s own settings (``settings`` with no argument)."""
+        self.decide(who, Request("settings"))
+        return user_settings.get_settings(self.store, who.name)
+
+    def plan_settings(self, who: Identity, *, encrypt: str) -> Planned[UserSettings]:
+        """``settings encrypt on|off|auto``: how Carrier's replies to ``who`` are encrypted."""
+        request = Request("settings")
+        if encrypt not in ENCRYPT_MODES:
+            raise self.refuse(who, request, f"encrypt must be one of {', '.join(ENCRYPT_MODES)}")
+        trust = self._trust()
+        if encrypt == "always" and not key_can_encrypt(trust.keyring, who.fingerprint, trust.clock()):
+            raise self.refuse(who, request, "your key has no usable encryption subkey: add one to your "
+                              "key (and enroll it again), then ask for encrypted replies")
+
+        def run(_: Within | None) -> UserSettings:
+            done = user_settings.set_encrypt(self.store, who.name, encrypt)
+            self.audit.record(who.name, who.door, "settings:encrypt", target=who.name, outcome=encrypt)
+            return done
+
+        return self._plan(who, request, run)
 
     def enroll_again(self, who: Identity) -> EnrollOutcome:
         """``enroll`` from someone already enrolled (tells them so, or starts a key change)."""

@@ -28,6 +28,9 @@ SCHEDULE_NOTIFY = ("always", "failure", "never")
 #: What became of one slot of a schedule: claimed (about to start), started (its job exists),
 #: refused (the policy said no at fire time), missed (Carrier was not running: reported, not run).
 SCHEDULE_RUN_STATES = ("claimed", "started", "refused", "missed")
+#: Whether Carrier encrypts its replies to a user: always, never, or auto (when the user's mail came
+#: encrypted, Autocrypt-style).
+ENCRYPT_MODES = ("always", "never", "auto")
 #: Audit rows may also come from Carrier itself (start-up, expiry sweeps, the sandbox).
 AUDIT_DOORS = (*DOORS, "system")
 
@@ -384,8 +387,22 @@ _V8 = Migration(
     ),
 )
 
+_V9 = Migration(
+    9,
+    "per-user settings chosen by the user (by a signed `settings` mail): encrypt replies",
+    (
+        f"""
+        CREATE TABLE user_settings (
+            identity   TEXT PRIMARY KEY NOT NULL CHECK (length(identity) BETWEEN 1 AND 320),
+            encrypt    TEXT NOT NULL DEFAULT 'auto' CHECK (encrypt IN {_in(ENCRYPT_MODES)}),
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
 #: All migrations, in order; versions are 1..N with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
 
 #: The schema version this Carrier writes and understands.
 LATEST_VERSION = MIGRATIONS[-1].version

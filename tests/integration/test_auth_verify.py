@@ -243,12 +243,12 @@ def test_html_only_mail_is_unsigned(world: World) -> None:
     refused(world, raw, "unsigned")
 
 
-def test_multipart_encrypted_is_not_read(world: World) -> None:
+def test_multipart_encrypted_without_its_payload_is_malformed(world: World) -> None:
     head = headers_block("ops@example.test", "carrier@example.test", "cmd")
     head.append('Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="b"')
     raw = ("\r\n".join(head) + "\r\n\r\n--b\r\nContent-Type: application/pgp-encrypted\r\n\r\n"
            "Version: 1\r\n--b--\r\n").encode()
-    refused(world, raw, "unsigned")
+    refused(world, raw, "malformed")
 
 
 def test_multipart_signed_with_another_protocol(world: World, people: People) -> None:

@@ -421,3 +421,15 @@ def test_every_tool_and_verb_goes_through_the_operations_layer(world: tuple[Worl
 
     tools = anyio.run(session)
     assert {"ssh_exec", "job_start", "mail_send", "job_list"} <= set(tools)
+
+
+#: Mail verbs with no MCP tool or CLI command (verb line, audit action): each is open to every
+#: enrolled identity and writes its one decision row like any other operation.
+MAIL_ONLY = (("settings", "settings"),)
+
+
+def test_mail_only_verbs_decide_once(world: tuple[World, Any, Any]) -> None:
+    w, _serve, people = world
+    for who in ("ops", "newbie", "admin"):
+        for line, action in MAIL_ONLY:
+            assert _by_mail(w, people, who, Op(line, action, line, "", {}, ())), (who, line)

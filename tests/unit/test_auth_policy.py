@@ -210,6 +210,14 @@ def test_admin_actions_need_an_admin() -> None:
     assert ok(who("viewer", admin=True), Request("admin"))
 
 
+def test_every_enrolled_identity_may_change_its_own_settings() -> None:
+    for role in ("viewer", "operator", "admin"):
+        assert ok(who(role), Request("settings"))
+    assert reason(who("ghost"), Request("settings")) == "role 'ghost' is not defined"
+    token = who("operator", scopes=("tools:*",), token_id="t-aaaaaaaaaaaa")
+    assert reason(token, Request("settings")) == "settings is not available with a token"
+
+
 def test_undefined_role_and_unknown_action() -> None:
     assert reason(who("ghost"), Request("inventory")) == "role 'ghost' is not defined"
     assert "unknown action" in reason(who("admin"), Request("format_disk"))  # type: ignore[arg-type]
