@@ -2,14 +2,17 @@
 sandbox submission server check XOAUTH2/OAUTHBEARER access tokens by introspection at the sandbox
 token server (the stand-in for Google's or Microsoft's token service). Carrier gets the tokens
 from the refresh token in the account's password_file: logins through the MCP mail tools and
-`carrier serve`, a refresh when the token expires, a listener that re-authenticates mid-IDLE, and a
-revoked refresh token."""
+`carrier serve`, a refresh when the token expires, a listener that re-authenticates mid-IDLE, a
+revoked refresh token, and `carrier auth mail-login` (the device flow) as a CLI process."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ from carrier.sandbox.manager import Sandbox, dump_yaml
 from carrier.sandbox.tokenserver import CONFIDENTIAL_CLIENT, DEFAULT_LIFETIME
 
 pytestmark = pytest.mark.sandbox
+REPO = Path(__file__).resolve().parents[2]
 #: Every access token the stand-in issues looks like this: none may show up in a log or a reply.
 ACCESS_TOKEN = re.compile(r"at-[A-Za-z0-9_-]{20,}")
 
@@ -293,3 +297,81 @@ def test_listener_re_authenticates_mid_idle_and_keeps_receiving(sandbox: Sandbox
     assert "method=PLAIN" not in text.split(f"user=<{address('carrier')}>")[-1][:40]
     logged = json.dumps(serve.lines)
     assert refresh not in logged and not ACCESS_TOKEN.search(logged)
+
+
+# --------------------------------------------------------------------------------------------
+# `carrier auth mail-login`: the device flow as a CLI process
+# --------------------------------------------------------------------------------------------
+
+
+def mail_login(config_path: Path, account: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "carrier", "auth", "mail-login", account, "--config", str(config_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def read_user_code(proc: subprocess.Popen[str]) -> tuple[str, list[str]]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        match = re.search(r"enter the code (\S+)", line)
+        if match:
+            return match.group(1), lines
+    raise AssertionError(f"no user code in the output: {lines} {proc.stderr.read() if proc.stderr else ''}")
+
+
+def test_mail_login_walks_through_the_device_flow_and_saves_the_token(
+    sandbox: Sandbox, provider: Provider, tmp_path: Path
+) -> None:
+    refresh_file = tmp_path / "tokens" / "ops.token"
+    config_path = oauth_config(sandbox, tmp_path, refresh_file)
+    # No refresh token yet: the config loads, and using the account says what to run.
+    service = MailService(load_config(config_path, {}))
+    try:
+        with pytest.raises(Exception, match=r"run `carrier auth mail-login oauthops`"):
+            service.folder_list("oauthops")
+    finally:
+        service.close()
+
+    proc = mail_login(config_path, "oauthops")
+    code, lines = read_user_code(proc)
+    approve_at = f"open http://{LOOPBACK}:{sandbox.layout.ports.oauth}/device/approve"
+    assert any(approve_at in line for line in lines)
+    provider.post("/device/approve", user_code=code, username=address("ops"))  # the user approves
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"Refresh token saved to {refresh_file} (mode 0600)" in out
+    assert f"IMAP login as {address('ops')} with XOAUTH2: ok" in out
+    assert stat.S_IMODE(refresh_file.stat().st_mode) == 0o600
+    saved = refresh_file.read_text().strip()
+    assert saved.startswith("rt-") and saved not in out + err + "".join(lines)
+    service = MailService(load_config(config_path, {}))
+    try:
+        assert service.folder_list("oauthops")
+    finally:
+        service.close()
+
+
+def test_mail_login_refused_by_the_user_says_so_and_writes_nothing(
+    sandbox: Sandbox, provider: Provider, tmp_path: Path
+) -> None:
+    refresh_file = tmp_path / "ops.token"
+    config_path = oauth_config(sandbox, tmp_path, refresh_file)
+    proc = mail_login(config_path, "oauthops")
+    code, _ = read_user_code(proc)
+    provider.post("/device/approve", user_code=code, username=address("ops"), deny="1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "was refused by the user: run it again and approve the request" in err
+    assert not refresh_file.exists()
+
+
+def test_mail_login_of_a_password_account_names_the_fix(sandbox: Sandbox, tmp_path: Path) -> None:
+    config_path = write_config(sandbox, tmp_path)
+    proc = mail_login(config_path, "ops")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "account ops uses auth: password: set auth: oauth2" in err
