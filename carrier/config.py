@@ -435,6 +435,7 @@ class Config:
     def secrets(self) -> list[str]:
         """Every secret value that can be resolved now (for log redaction); unreadable ones are skipped."""
         getters: list[Callable[[], str | None]] = [a.password for a in self.accounts]
+        getters += [a.oauth2.client_secret for a in self.accounts if a.oauth2 is not None]
         getters.append(self.llm.api_key)
         from carrier.secretstore import secret_value  # secretstore reads configs: imported late
 

@@ -152,8 +152,6 @@ def _client_form(settings: OAuth2Settings) -> dict[str, str]:
 
 _CACHE: dict[tuple[str, str], AccessToken] = {}
 _LOCK = threading.Lock()
-#: Counters for logs and tests: refresh grants made, per account name.
-refreshes: dict[str, int] = {}
 
 
 def _cache_key(account: MailAccount, refresh_token: str) -> tuple[str, str]:
@@ -215,7 +213,6 @@ def _refresh(account: MailAccount, refresh_token: str, now: Callable[[], float])
     if isinstance(rotated, str) and rotated and rotated != refresh_token:
         add_secret(rotated)
         _store_rotated(account, rotated)
-    refreshes[account.name] = refreshes.get(account.name, 0) + 1
     log.info("OAuth2 access token renewed", extra={"account": account.name, "expires_in": round(lifetime)})
     return AccessToken(value, started + lifetime, lifetime)
 

@@ -63,6 +63,11 @@ def test_an_oauth2_account_loads_with_its_preset(site: Path) -> None:
     assert ends.scope == "https://mail.google.com/" and ends.device_url is None
 
 
+def test_the_refresh_token_and_client_secret_are_redacted_from_logs(site: Path) -> None:
+    config = load_config(write(site / "carrier.yml", OAUTH), ENV)
+    assert {"1//refresh-token", "client-secret"} <= set(config.secrets())
+
+
 def test_the_microsoft_preset_uses_the_tenant(site: Path) -> None:
     text = OAUTH.replace("provider: google", "provider: microsoft, tenant: consumers")
     settings = load_config(write(site / "carrier.yml", text), ENV).default_account.oauth2
