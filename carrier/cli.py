@@ -30,6 +30,7 @@ class _LazyGroup(click.Group):
         "enroll": "carrier.auth.cli:enroll",
         "token": "carrier.auth.cli:token",
         "audit": "carrier.auth.cli:audit",
+        "auth": "carrier.mail.oauth_cli:auth_group",
         "mcp": "carrier.mcp.cli:mcp",
         "cert": "carrier.mcp.cli:cert",
         "remote": "carrier.mcp.cli:remote",

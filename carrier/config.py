@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -27,6 +28,10 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from carrier.errors import ConfigError
 
 TlsMode = Literal["implicit", "starttls", "none"]
+MailAuth = Literal["password", "oauth2"]
+OAuth2Mechanism = Literal["xoauth2", "oauthbearer"]
+#: Provider presets of ``oauth2.provider`` (their URLs and scopes live in carrier.mail.oauth).
+OAUTH2_PROVIDERS = ("google", "microsoft", "custom")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_CONFIG = Path(".config/carrier/carrier.yml")  # under the home directory
@@ -104,6 +109,34 @@ def default_imap_id() -> Mapping[str, str]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OAuth2Settings:
+    """``oauth2:`` of an account with ``auth: oauth2``; the refresh token is the account's password."""
+
+    provider: str = "custom"
+    client_id: str
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    #: Override (or, for ``custom``, set) the provider's token and device-authorization endpoints.
+    token_url: str | None = None
+    device_url: str | None = None
+    #: Space-separated scopes; None: the preset's.
+    scope: str | None = None
+    #: Microsoft Entra tenant (``common``, ``consumers``, ``organizations`` or a tenant id).
+    tenant: str = "common"
+    mechanism: OAuth2Mechanism = "xoauth2"
+    environ: Mapping[str, str] = field(default_factory=_no_env, repr=False, compare=False)
+
+    def client_secret(self) -> str | None:
+        """The client secret, read now from its file or variable; None for a public client."""
+        if not (self.client_secret_file or self.client_secret_env):
+            return None
+        try:
+            return _read_secret(self.client_secret_env, self.client_secret_file, self.environ)
+        except _Invalid as exc:
+            raise ConfigProblems([f"oauth2 client secret: {exc}"]) from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class MailAccount:
     name: str
     address: str
@@ -127,6 +160,10 @@ class MailAccount:
     save_sent: bool = True
     #: The mail tools only read this mailbox: every tool that sends or changes mail is refused.
     read_only: bool = False
+    #: ``password``: LOGIN/AUTH PLAIN with the password; ``oauth2``: XOAUTH2/OAUTHBEARER with access
+    #: tokens from the refresh token in password_file/password_env, using the ``oauth2`` settings.
+    auth: MailAuth = "password"
+    oauth2: OAuth2Settings | None = None
     #: ``EMAIL_PASS``, kept in memory only; wins over password_env / password_file.
     password_override: str | None = field(default=None, repr=False, compare=False)
     #: The environment ``password_env`` is looked up in (the one given to :func:`load_config`).
@@ -138,6 +175,9 @@ class MailAccount:
             return self.password_override
         if not (self.password_env or self.password_file):
             raise ConfigProblems([f"account {self.name}: {_MSG_NO_LOGIN}"])
+        if self.auth == "oauth2" and self.password_file is not None and not self.password_file.exists():
+            raise ConfigProblems([f"account {self.name}: no OAuth2 refresh token yet ({self.password_file} "
+                                  f"does not exist): run `carrier auth mail-login {self.name}`"])
         try:
             return _read_secret(self.password_env, self.password_file, self.environ)
         except _Invalid as exc:
@@ -395,6 +435,7 @@ class Config:
     def secrets(self) -> list[str]:
         """Every secret value that can be resolved now (for log redaction); unreadable ones are skipped."""
         getters: list[Callable[[], str | None]] = [a.password for a in self.accounts]
+        getters += [a.oauth2.client_secret for a in self.accounts if a.oauth2 is not None]
         getters.append(self.llm.api_key)
         from carrier.secretstore import secret_value  # secretstore reads configs: imported late
 
@@ -417,6 +458,8 @@ class Config:
 
 _MSG_NO_LOGIN = "no password: set password_file or password_env (or EMAIL_PASS for the default account)"
 _MSG_INLINE_MAIL = "inline passwords are not allowed: use password_file or password_env"
+_MSG_INLINE_OAUTH = ("inline secrets are not allowed: the refresh token goes in the account's password_file "
+                     "or password_env, the client secret in client_secret_file or client_secret_env")
 _MSG_INLINE_LLM = "inline API keys are not allowed: use api_key_file or api_key_env"
 _MSG_INLINE_OTHER = (
     "secrets are not allowed in carrier.yml: keep them in a mode 0600 file or an environment variable"
@@ -869,6 +912,7 @@ def _check_password(values: dict[str, Any], at: _At) -> None:
     values["password_override"] = override
     values["environ"] = at.ctx.env
     values["username"] = values.get("username") or values.get("address")
+    _check_mail_auth(values, at)
     if override or "password_env" not in values or "password_file" not in values:
         return  # EMAIL_PASS wins, or a wrong value is already reported
     env_name, path = values["password_env"], values["password_file"]
@@ -876,11 +920,67 @@ def _check_password(values: dict[str, Any], at: _At) -> None:
         at.problem("both password_env and password_file are set: keep one")
     elif not (env_name or path):
         at.problem(_MSG_NO_LOGIN)
+    elif values.get("auth") == "oauth2" and path is not None and not path.exists():
+        pass  # no refresh token yet: `carrier auth mail-login` writes it (password() says so)
     else:
         try:
             _read_secret(env_name, path, at.ctx.env)
         except _Invalid as exc:
             at.key("password_env" if env_name else "password_file").problem(str(exc))
+
+
+def _check_mail_auth(values: dict[str, Any], at: _At) -> None:
+    """``auth: oauth2`` needs an ``oauth2:`` section, and the section needs ``auth: oauth2``."""
+    auth, settings = values.get("auth"), values.get("oauth2")
+    if auth == "oauth2" and settings is None and "oauth2" not in (at.node or {}):
+        at.key("oauth2").problem("auth: oauth2 needs an oauth2: section "
+                                 "(provider: google|microsoft|custom, client_id: ...)")
+    elif auth == "password" and settings is not None:
+        at.key("auth").problem("an oauth2: section is set but auth is password: set auth: oauth2 "
+                               "(or remove the oauth2: section)")
+
+
+def _check_oauth2(values: dict[str, Any], at: _At) -> None:
+    values["environ"] = at.ctx.env
+    provider = values.get("provider")
+    if provider == "custom" and not values.get("token_url"):
+        at.key("token_url").problem("provider: custom needs token_url (the provider's OAuth2 token endpoint)")
+    if values.get("client_secret_file") and values.get("client_secret_env"):
+        at.problem("both client_secret_file and client_secret_env are set: keep one")
+    elif values.get("client_secret_file") or values.get("client_secret_env"):
+        try:
+            _read_secret(values.get("client_secret_env"), values.get("client_secret_file"), at.ctx.env)
+        except _Invalid as exc:
+            at.key("client_secret_env" if values.get("client_secret_env") else "client_secret_file").problem(
+                str(exc))
+    for key in ("token_url", "device_url"):
+        url = values.get(key)
+        host = urlsplit(url).hostname if url else None
+        if url and url.startswith("http://") and not _is_loopback(host or ""):
+            at.key(key).problem(f"http:// sends tokens in clear text and is allowed for loopback hosts only, "
+                                f"not {host}: use https://")
+
+
+def _scope(value: Any, at: _At) -> str:
+    text = " ".join(_str(value, at).split())
+    if not text.isprintable() or '"' in text or "\\" in text:
+        raise _Invalid(f"{_show(value)} is not a space-separated list of OAuth2 scopes")
+    return text
+
+
+_OAUTH2: Mapping[str, _F] = {
+    "provider": _F(_choice(*OAUTH2_PROVIDERS), _REQUIRED, "google, microsoft or custom"),
+    "client_id": _F(_pattern(r"[\x21-\x7e]{1,512}", "an OAuth2 client id"), _REQUIRED,
+                    "the client (application) id of your app registration"),
+    "client_secret_file": _F(_path),
+    "client_secret_env": _F(_env_name),
+    "token_url": _F(_url),
+    "device_url": _F(_url),
+    "scope": _F(_scope),
+    "tenant": _F(_pattern(r"[A-Za-z0-9.-]{1,100}", "an Entra tenant (common, organizations, an id...)"),
+                 "common"),
+    "mechanism": _F(_choice("xoauth2", "oauthbearer"), "xoauth2"),
+}
 
 
 def _imap_id(value: Any, at: _At) -> Mapping[str, str] | None:
@@ -923,6 +1023,8 @@ _ACCOUNT: Mapping[str, _F] = {
     "imap_id": _F(_imap_id, default_imap_id()),
     "save_sent": _F(_bool, True),
     "read_only": _F(_bool, False),
+    "auth": _F(_choice("password", "oauth2"), "password"),
+    "oauth2": _F(_section(OAuth2Settings, _OAUTH2, _MSG_INLINE_OAUTH, _check_oauth2)),
 }
 
 

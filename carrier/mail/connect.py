@@ -1,5 +1,7 @@
 """Open logged-in IMAP and SMTP connections for a configured account: the one place that maps
-an account's TLS mode, port and credentials onto imapclient and smtplib."""
+an account's TLS mode, port and credentials (a password, or OAuth2 access tokens) onto imapclient
+and smtplib. A session logged in with an access token records when to re-authenticate it
+(``reauth_due``), so long-lived connections (IDLE, the pool) are replaced before the token expires."""
 
 from __future__ import annotations
 
@@ -7,11 +9,14 @@ import logging
 import smtplib
 import socket
 import ssl
+import time
+import weakref
 
 from imapclient import IMAPClient
 
 from carrier.config import ImapSettings, MailAccount, SmtpSettings
 from carrier.errors import CarrierError
+from carrier.mail import oauth
 from carrier.tls import client_context
 
 DEFAULT_TIMEOUT = 30.0
@@ -21,6 +26,22 @@ _TLS_HINT = "trust the server's certificate with ca_file (or allow_self_signed)"
 
 class MailConnectError(CarrierError):
     """A mail server could not be reached or refused the login."""
+
+
+#: When each live IMAP session logged in with an access token should be re-authenticated.
+_RENEW_AT: weakref.WeakKeyDictionary[IMAPClient, float] = weakref.WeakKeyDictionary()
+
+
+def reauth_due(client: IMAPClient, *, now: float | None = None) -> bool:
+    """True once a session's access token is near expiry: log in again on a new connection."""
+    renew_at = _RENEW_AT.get(client)
+    return renew_at is not None and (time.monotonic() if now is None else now) >= renew_at
+
+
+def reauth_in(client: IMAPClient) -> float | None:
+    """Seconds until ``reauth_due`` (None for a password session, which never needs it)."""
+    renew_at = _RENEW_AT.get(client)
+    return None if renew_at is None else max(0.0, renew_at - time.monotonic())
 
 
 def _context(settings: ImapSettings | SmtpSettings) -> ssl.SSLContext:
@@ -50,8 +71,11 @@ def imap_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> I
     except IMAPClient.Error as exc:  # no greeting, or the server refused STARTTLS
         raise MailConnectError(f"{where}: no usable IMAP session ({exc}): is it an IMAP server?") from None
     try:
-        client.login(account.username, account.password())
+        _imap_login(client, account, where)
         send_imap_id(client, account)
+    except oauth.OAuthError as exc:
+        _close_imap(client)
+        raise MailConnectError(f"{where}: {exc}") from None
     except IMAPClient.AbortError as exc:
         _close_imap(client)
         raise MailConnectError(f"{where}: connection lost while logging in ({exc})") from None
@@ -62,6 +86,45 @@ def imap_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> I
         _close_imap(client)
         raise MailConnectError(f"{where}: connection lost while logging in ({exc})") from None
     return client
+
+
+def _imap_login(client: IMAPClient, account: MailAccount, where: str) -> None:
+    if account.auth != "oauth2":
+        client.login(account.username, account.password())
+        return
+    token = oauth.access_token(account)
+    try:
+        _imap_oauth(client, account, token.value)
+    except IMAPClient.AbortError:
+        raise
+    except IMAPClient.Error:
+        # A cached token the server no longer takes (revoked, clocks apart): one fresh try.
+        oauth.forget(account)
+        token = oauth.access_token(account)
+        try:
+            _imap_oauth(client, account, token.value)
+        except IMAPClient.AbortError:
+            raise
+        except IMAPClient.Error as exc:
+            raise oauth.OAuthError(
+                f"{oauth.sasl_mechanism(account)} login as {account.username} refused with a fresh "
+                f"access token ({_server_text(exc)}): check that the token's account is {account.username} "
+                f"and its scope allows IMAP, or run `carrier auth mail-login {account.name}`"
+            ) from None
+    _RENEW_AT[client] = token.renew_at
+
+
+def _imap_oauth(client: IMAPClient, account: MailAccount, token: str) -> None:
+    response = oauth.sasl_response(account, token)
+    # The first continuation gets the initial response; a second one carries the server's JSON
+    # error (RFC 7628 section 3.2.2) and is answered empty, so the server ends with NO.
+    answers = iter([response])
+    client._imap.authenticate(oauth.sasl_mechanism(account), lambda _challenge: next(answers, ""))
+
+
+def _server_text(text: object) -> str:
+    shown = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    return " ".join(shown.split())[:200]
 
 
 def send_imap_id(client: IMAPClient, account: MailAccount) -> dict[str, str] | None:
@@ -109,8 +172,39 @@ def smtp_connect(account: MailAccount, *, timeout: float = DEFAULT_TIMEOUT) -> s
         raise MailConnectError(f"{where}: cannot connect ({exc})") from None
     if smtp.auth:
         try:
-            session.login(account.username, account.password())
+            _smtp_login(session, account)
+        except oauth.OAuthError as exc:
+            session.close()
+            raise MailConnectError(f"{where}: {exc}") from None
         except smtplib.SMTPException as exc:
             session.close()
             raise MailConnectError(f"{where}: login as {account.username} refused ({exc})") from None
     return session
+
+
+def _smtp_login(session: smtplib.SMTP, account: MailAccount) -> None:
+    if account.auth != "oauth2":
+        session.login(account.username, account.password())
+        return
+    mechanism = oauth.sasl_mechanism(account)
+
+    def attempt() -> None:
+        response = oauth.sasl_response(account, oauth.access_token(account).value)
+
+        def answer(challenge: bytes | None = None) -> str:
+            return response if challenge is None else ""  # a challenge is the server's JSON error
+
+        session.auth(mechanism, answer, initial_response_ok=True)
+
+    try:
+        attempt()
+    except smtplib.SMTPAuthenticationError:
+        oauth.forget(account)  # a cached token the server no longer takes: one fresh try
+        try:
+            attempt()
+        except smtplib.SMTPAuthenticationError as exc:
+            raise oauth.OAuthError(
+                f"{mechanism} login as {account.username} refused with a fresh access token "
+                f"({exc.smtp_code} {_server_text(exc.smtp_error)}): check the "
+                f"token's account and scope, or run `carrier auth mail-login {account.name}`"
+            ) from None

@@ -33,7 +33,7 @@ from imapclient import IMAPClient
 
 from carrier.config import MailAccount
 from carrier.errors import CarrierError
-from carrier.mail.connect import MailConnectError, imap_connect
+from carrier.mail.connect import MailConnectError, imap_connect, reauth_due
 from carrier.mail.door import MailDoor
 from carrier.mail.imap import IdleWatcher, MailError, check_folder, select
 
@@ -185,6 +185,10 @@ class Listener:
         )
         while not self.stop_event.is_set():
             self.catch_up()
+            if reauth_due(self._client) or (self._watcher is not None and self._watcher.reauth_due):
+                # OAuth2: the access token is near expiry; a new session logs in with a fresh one.
+                log.info("mail listener re-authenticating", extra={"account": self.account.name})
+                return
             if self._watcher is not None:
                 # A change wakes us; the timeout only bounds how long a missed notice could wait.
                 self._watcher.wait(self.interval)

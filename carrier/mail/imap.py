@@ -28,7 +28,7 @@ from imapclient import IMAPClient
 
 from carrier.config import MailAccount
 from carrier.errors import CarrierError
-from carrier.mail.connect import DEFAULT_TIMEOUT, MailConnectError, imap_connect
+from carrier.mail.connect import DEFAULT_TIMEOUT, MailConnectError, imap_connect, reauth_due, reauth_in
 from carrier.mail.mime import Leaf, normalize_mime_type, param_value
 from carrier.mail.parse import decode_header_value
 
@@ -311,6 +311,10 @@ class ImapPool:
             conn.client.shutdown()
 
     def _healthy(self, conn: _Conn, force: bool) -> bool:
+        if reauth_due(conn.client):
+            log.info("imap connection's access token is near expiry; logging in again",
+                     extra={"account": self.account.name})
+            return False
         if not force and time.monotonic() - conn.last_used < self.noop_after:
             return True
         try:
@@ -711,7 +715,9 @@ class IdleWatcher:
 
     ``wait(timeout)`` returns True when the server reported a change (EXISTS/RECENT/EXPUNGE/FETCH)
     and False on timeout. IDLE is renewed before the 29-minute limit servers enforce. A dropped
-    connection raises MailConnectError; the caller makes a new watcher.
+    connection raises MailConnectError; the caller makes a new watcher. On an OAuth2 session,
+    ``wait`` returns by the time its access token is near expiry; then ``reauth_due`` is true and the
+    caller logs in again on a new connection (a provider may end a session whose token expired).
     """
 
     RENEW_AFTER = 25 * 60
@@ -735,6 +741,9 @@ class IdleWatcher:
         try:
             while True:
                 remaining = deadline - time.monotonic()
+                until_reauth = reauth_in(self.client)
+                if until_reauth is not None:
+                    remaining = min(remaining, until_reauth)
                 if remaining <= 0:
                     return False
                 self.client.idle()
@@ -749,6 +758,11 @@ class IdleWatcher:
             raise MailConnectError(
                 f"IDLE on account {self.account.name} folder {self.folder!r} failed: {server_text(exc)}"
             ) from None
+
+    @property
+    def reauth_due(self) -> bool:
+        """The session's access token is near expiry: make a new watcher."""
+        return reauth_due(self.client)
 
     def close(self) -> None:
         _logout(self.client)

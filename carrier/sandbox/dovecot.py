@@ -64,6 +64,7 @@ class Dovecot(procs.PidFileService):
         self.dir = layout.dovecot_dir
         self.config = self.dir / "dovecot.conf"
         self.passwd_file = self.dir / "passwd"
+        self.oauth2_file = self.dir / "dovecot-oauth2.conf.ext"
         self.base_dir = self.dir / "run"
         self.state_dir = self.dir / "state"
 
@@ -108,6 +109,7 @@ class Dovecot(procs.PidFileService):
             make_self_signed(self.layout.tls_cert, self.layout.tls_key, hosts=TLS_HOSTS)
 
         self._write_passwd(account)
+        self._write_oauth2()
         self._write_config(account)
 
     def _write_passwd(self, account: pwd.struct_passwd) -> None:
@@ -125,6 +127,23 @@ class Dovecot(procs.PidFileService):
         os.chown(tmp, 0, account.pw_gid)
         tmp.chmod(0o640)
         os.replace(tmp, self.passwd_file)
+
+    def _write_oauth2(self) -> None:
+        """The oauth2 passdb: XOAUTH2/OAUTHBEARER tokens are checked by RFC 7662 introspection
+        against the sandbox token server (the stand-in for the provider); no cache, so a revoked or
+        expired token is refused at the next login."""
+        url = f"http://{LOOPBACK}:{self.layout.ports.oauth}/introspect"
+        self.oauth2_file.write_text(
+            "# Written by `carrier sandbox`; rewritten on every prepare.\n"
+            f"introspection_url = {url}\n"
+            "introspection_mode = post\n"
+            "force_introspection = yes\n"
+            "username_attribute = username\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+            "timeout_msecs = 10000\n"
+        )
+        self.oauth2_file.chmod(0o644)
 
     def _write_config(self, account: pwd.struct_passwd) -> None:
         p = self.layout.ports
@@ -152,7 +171,7 @@ mail_location = maildir:~/Maildir
 
 # Loopback only: plain-text logins are fine on the unencrypted port.
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login xoauth2 oauthbearer
 auth_verbose = yes
 ssl = yes
 ssl_cert = <{self.layout.tls_cert}
@@ -160,7 +179,14 @@ ssl_key = <{self.layout.tls_key}
 
 passdb {{
   driver = passwd-file
+  mechanisms = plain login
   args = scheme=SSHA512 {self.passwd_file}
+}}
+# OAuth2 (XOAUTH2 / OAUTHBEARER): access tokens from the sandbox token server.
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {self.oauth2_file}
 }}
 userdb {{
   driver = passwd-file

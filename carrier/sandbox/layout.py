@@ -32,6 +32,7 @@ class Ports:
     smtp: int = 10025
     submission: int = 10587
     keyserver: int = 10080
+    oauth: int = 10081
     ssh: int = 2222
     postgres: int = 15432
 
@@ -62,7 +63,9 @@ class Layout:
         root = root.resolve()
         meta = root / "sandbox.json"
         if meta.exists():
-            ports = Ports(**json.loads(meta.read_text())["ports"])
+            saved = json.loads(meta.read_text())["ports"]
+            offset = saved["ssh"] - Ports().ssh  # a port added since that `up` gets the same offset
+            ports = Ports(**{**asdict(Ports.with_offset(offset)), **saved})
             return cls(root, ports)
         return cls(root, Ports.with_offset(default_offset))
 
@@ -137,6 +140,11 @@ class Layout:
     def carrier_state_dir(self) -> Path:
         """Carrier's own state_dir when run against this sandbox."""
         return self.root / "state"
+
+    @property
+    def oauth_client_secret_file(self) -> Path:
+        """The client secret of the token server's confidential client (mode 0600)."""
+        return self.secrets_dir / "oauth-client.secret"
 
     def gnupg_home(self, identity: str) -> Path:
         return self.root / "gnupg" / identity

@@ -28,6 +28,7 @@ from carrier.sandbox.layout import GROUPS, HOSTS, IDENTITIES, LOGIN_USER, LOOPBA
 from carrier.sandbox.postgres import Postgres
 from carrier.sandbox.smtpd import SmtpRelay
 from carrier.sandbox.sshd import SshHosts
+from carrier.sandbox.tokenserver import TokenServer
 from carrier.tls import make_self_signed
 
 # Under /var/tmp, not /root or /tmp/<private>: the dovecot and carrier-sbx users must traverse it.
@@ -258,10 +259,11 @@ class Sandbox:
         return pg if self._with_postgres or pg.enabled else None
 
     def components(self) -> list[Component]:
-        """In start order: Dovecot before SMTP (SMTP delivers into Dovecot's LMTP)."""
+        """In start order: the token server before Dovecot and SMTP (both check OAuth2 tokens with
+        it), Dovecot before SMTP (SMTP delivers into Dovecot's LMTP)."""
         layout = self.layout
         pg = self.postgres()
-        return [Dovecot(layout), SmtpRelay(layout), Keyserver(layout), SshHosts(layout),
+        return [TokenServer(layout), Dovecot(layout), SmtpRelay(layout), Keyserver(layout), SshHosts(layout),
                 *([pg] if pg is not None else [])]
 
     def gpg(self) -> GpgHomes:

@@ -4,7 +4,8 @@ Run as its own process (``python -m carrier.sandbox.smtpd --root DIR``), started
 
 - MX (``ports.smtp``): no AUTH, accepts only ``@example.test`` recipients that Dovecot knows.
 - Submission (``ports.submission``): STARTTLS with the sandbox certificate, then AUTH PLAIN/LOGIN
-  (checked against the sandbox password files) before any mail; recipients only ``@example.test``.
+  (checked against the sandbox password files) or XOAUTH2/OAUTHBEARER (access tokens checked by
+  introspection at the sandbox token server) before any mail; recipients only ``@example.test``.
 
 The protocol machine is aiosmtpd's; `Delivery` (LMTP) and `SandboxHandler` (policy) are plain objects.
 """
@@ -12,13 +13,18 @@ The protocol machine is aiosmtpd's; `Delivery` (LMTP) and `SandboxHandler` (poli
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import secrets
 import signal
 import smtplib
 import ssl
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -199,6 +205,84 @@ class SandboxHandler:
         return reply
 
 
+def parse_oauth(mechanism: str, blob: bytes) -> tuple[str, str] | None:
+    """``(user, access token)`` from an XOAUTH2 or OAUTHBEARER (RFC 7628) initial response."""
+    text = blob.decode("utf-8", "replace")
+    fields = text.split("\x01")
+    user = ""
+    if mechanism == "OAUTHBEARER":
+        head = fields[0]  # the GS2 header: "n,a=<user>," (RFC 5801)
+        if not head.startswith("n,"):
+            return None
+        authz = head[2:].rstrip(",")
+        if authz.startswith("a="):
+            user = authz[2:].replace("=2C", ",").replace("=3D", "=")
+    token = ""
+    for item in fields:
+        if item.startswith("user="):
+            user = item[5:]
+        elif item.startswith("auth="):
+            scheme, _, token = item[5:].partition(" ")
+            if scheme.lower() != "bearer":
+                return None
+    return (user, token) if user and token else None
+
+
+class OAuthSubmissionHandler(SandboxHandler):
+    """The submission handler plus AUTH XOAUTH2 and OAUTHBEARER, checked by introspection.
+
+    A refused token gets the provider-style 334 challenge with a JSON error (as Gmail sends), then
+    535 once the client answers it.
+    """
+
+    def __init__(self, delivery: Delivery, introspection_url: str) -> None:
+        super().__init__(delivery, submission=True)
+        self.introspection_url = introspection_url
+
+    def introspect(self, token: str) -> str | None:
+        """The username the token belongs to, or None when it is not active."""
+        body = urllib.parse.urlencode({"token": token}).encode()
+        request = urllib.request.Request(self.introspection_url, data=body, method="POST")  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback URL)
+                answer = json.loads(response.read())
+        except (OSError, ValueError) as exc:
+            log.warning("token introspection failed: %s", exc)
+            return None
+        return str(answer["username"]).lower() if answer.get("active") is True else None
+
+    async def _oauth(self, server: Any, args: list[str], mechanism: str) -> Any:
+        from aiosmtpd.smtp import MISSING, AuthResult
+
+        if len(args) > 1:
+            try:
+                blob: Any = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        parsed = parse_oauth(mechanism, bytes(blob))
+        owner = await asyncio.to_thread(self.introspect, parsed[1]) if parsed else None
+        ok = parsed is not None and owner == parsed[0].lower()
+        log.info("AUTH %s for %s from %s: %s", mechanism, parsed[0] if parsed else "?", server.session.peer,
+                 "ok" if ok else "failed")
+        if ok and parsed is not None:
+            return AuthResult(success=True, handled=False, auth_data=parsed[0])
+        error = json.dumps({"status": "401", "schemes": "bearer", "scope": "mail"}).encode()
+        if await server.challenge_auth(error) is MISSING:
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> Any:
+        return await self._oauth(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> Any:
+        return await self._oauth(server, args, "OAUTHBEARER")
+
+
 class PasswordAuthenticator:
     """aiosmtpd authenticator: the login is a sandbox address, the password its password file's line.
 
@@ -243,7 +327,7 @@ async def serve(layout: Layout) -> None:
 
     delivery = Delivery(LOOPBACK, layout.ports.lmtp)
     mx = SandboxHandler(delivery, submission=False)
-    sub = SandboxHandler(delivery, submission=True)
+    sub = OAuthSubmissionHandler(delivery, f"http://{LOOPBACK}:{layout.ports.oauth}/introspect")
     context = tls_context(layout)
     authenticator = PasswordAuthenticator(layout)
     loop = asyncio.get_running_loop()
