@@ -180,7 +180,7 @@ def test_up_again_starts_nothing_then_restarts_only_the_dead_host(box: Sandbox) 
 def test_status_lists_every_component(box: Sandbox) -> None:
     report = box.status()
     assert report.root == box.layout.root
-    assert [c.name for c in report.components] == ["dovecot", "smtp", "keyserver", "sshd"]
+    assert [c.name for c in report.components] == ["oauth", "dovecot", "smtp", "keyserver", "sshd"]
     assert report.all_running
     sshd = report.components[-1]
     assert set(sshd.pids) == {f"sshd-{h}" for h in HOSTS}
@@ -433,7 +433,7 @@ def test_down_stops_everything_and_is_idempotent() -> None:
             Sandbox(root, port_offset=BASE + 550).up()
 
         stopped = sandbox.down()
-        assert sorted(stopped) == ["dovecot", "keyserver", "smtp", "sshd"]
+        assert sorted(stopped) == ["dovecot", "keyserver", "oauth", "smtp", "sshd"]
         assert not any(procs.pid_alive(pid) for pid in pids if pid is not None)
         assert all(procs.port_is_free(host, port) for host, port, _ in ports)
         deadline = time.monotonic() + 5
