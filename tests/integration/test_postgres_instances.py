@@ -201,6 +201,55 @@ def test_sigkill_of_one_instance_mid_run_its_jobs_finish_on_the_other(
         assert survivor.stop() == 0
 
 
+def on_another_machine(fake_boot_id: Path) -> tuple[str, ...]:
+    """A prefix that runs a command as if on another machine: in a mount namespace of its own with
+    another boot id (what Carrier tells machines apart by, ``carrier.procid``), so the other
+    instance cannot judge it by its pid and must go by its leases. ``exec`` keeps the pid."""
+    fake_boot_id.write_text(f"another-machine-{token('boot')}\n")
+    script = f'mount --bind {fake_boot_id} /proc/sys/kernel/random/boot_id && exec "$@"'
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh")
+
+
+def test_a_mail_of_an_instance_killed_on_another_machine_is_taken_over_once_its_lease_runs_out(
+    sandbox: Sandbox, pg_cluster: Any, tmp_path: Path
+) -> None:
+    """The victim, on 'another machine', takes a mail and is SIGKILLed while working on it. The
+    survivor respects the lease while it lasts (the mail is busy), takes the mail once the lease
+    has run out (it is renewed no more), and answers it once."""
+    with instances(sandbox, pg_cluster, 2) as (serves, url), identities(sandbox) as people:
+        victim, survivor = serves
+        victim.prefix = on_another_machine(tmp_path / "boot_id")
+        victim.start()
+        assert victim.proc is not None
+        tag = token("pglease")
+        sent, _ = send_signed(sandbox, people["ops"], f"hosts\nplaybooks\n-- \n{tag}", tag)
+        owner = None
+        deadline = time.monotonic() + 60
+        while owner is None and time.monotonic() < deadline:
+            rows = pg_rows(url, "SELECT owner FROM mail_leases")
+            owner = next((o for (o,) in rows if o.startswith(f"{victim.proc.pid}|")), None)
+            time.sleep(0.01)
+        assert owner is not None, "the victim took no lease"
+        assert "another-machine-" in owner  # its identity is not this machine's
+        victim.kill()
+        assert pg_rows(url, "SELECT state FROM messages") != [("done",)]  # killed mid-mail
+        survivor.start()
+        try:
+            replies = wait_replies(sandbox, "ops", tag, 1, timeout=180, settle=5.0)
+        except AssertionError:
+            _dump(url, serves)
+            raise
+        assert len(replies) == 1 and str(replies[0]["In-Reply-To"]) == sent
+        text = text_of(replies[0])
+        assert "web1" in text and "slow" in text, text  # both commands answered: hosts, playbooks
+        assert pg_rows(url, "SELECT state, count(*) FROM messages GROUP BY state") == [("done", 1)]
+        assert pg_rows(url, "SELECT count(*) FROM mail_leases") == [(0,)]
+        outcomes = [line.get("outcome") for line in survivor.lines if line.get("msg") == "mail handled"]
+        assert outcomes[0] == "busy" and outcomes[-1] == "answered", outcomes  # the lease held first
+        assert outcomes.count("answered") == 1
+        assert survivor.stop() == 0
+
+
 def _carrier(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "carrier", *args, "--config", str(config)],
                           capture_output=True, text=True, env=dict(os.environ), timeout=300, check=False)
