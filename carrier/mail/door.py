@@ -19,6 +19,7 @@ an answer only to ``enroll``/``confirm``; the subject is never read for commands
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -61,7 +62,7 @@ from carrier.store import settings as user_settings
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 300.0
+LEASE_SECONDS = lease.MAIL_LEASE_TTL
 _AUTO_PRECEDENCE = ("bulk", "junk", "list", "auto_reply")
 _ROBOT_LOCALS = ("mailer-daemon", "postmaster", "noreply", "no-reply")
 #: Shown to an enrolled sender whose mail failed authentication (short and non-revealing).
@@ -243,7 +244,10 @@ class MailDoor:
             ):
                 return "busy"
         try:
-            return self._process(account, key, raw, record.received_at)
+            renew = functools.partial(sql.renew_lease, self.store, account.name, key, self.owner,
+                                      LEASE_SECONDS)
+            with lease.Renewer(renew, what=f"{account.name}:{key}"):
+                return self._process(account, key, raw, record.received_at)
         finally:
             sql.release_lease(self.store, account.name, key, self.owner)
 

@@ -4,6 +4,10 @@ Per account, one thread: connect, catch up on everything not yet handled, then w
 with IMAP IDLE (``IdleWatcher``, renewed before the 29-minute limit) or, when the server lacks
 IDLE or ``idle: false``, poll every ``check_interval`` seconds. A dropped connection is retried
 with exponential backoff and jitter; every reconnect catches up first, so nothing is missed.
+A mail another Carrier instance is working on (its lease is held: several instances on one
+PostgreSQL store and one mailbox) is looked at again after ``BUSY_RETRY`` seconds, not only at the
+next change in the folder: if that instance dies, its mail is taken over as soon as its lease shows
+it dead (``carrier.mail.lease``).
 
 A handled mail gets the keyword ``CarrierDone`` (and stays where it is); catch-up searches for
 mail without it. The store decides what was handled (``claim_message``), the keyword only saves
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 DONE_KEYWORD = b"CarrierDone"
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 300.0
+#: How soon a pass that met mail held by another instance looks again.
+BUSY_RETRY = 5.0
 
 
 def reconnect_delay(failures: int, rng: Any = random.random) -> float:
@@ -96,6 +102,8 @@ class Listener:
         self._client: IMAPClient | None = None
         self._watcher: IdleWatcher | None = None
         self._use_keyword = True
+        #: Mails of the last pass that another instance held (looked at again after BUSY_RETRY).
+        self.busy = 0
         #: Counters for logs and tests.
         self.handled = 0
         self.passes = 0
@@ -189,11 +197,12 @@ class Listener:
                 # OAuth2: the access token is near expiry; a new session logs in with a fresh one.
                 log.info("mail listener re-authenticating", extra={"account": self.account.name})
                 return
+            wait = min(self.interval, BUSY_RETRY) if self.busy else self.interval
             if self._watcher is not None:
                 # A change wakes us; the timeout only bounds how long a missed notice could wait.
-                self._watcher.wait(self.interval)
+                self._watcher.wait(wait)
             else:
-                self.stop_event.wait(self.interval)
+                self.stop_event.wait(wait)
 
     # ----------------------------------------------------------------- catch-up
 
@@ -212,38 +221,41 @@ class Listener:
         )
         uids = sorted(client.search(criteria))
         self.passes += 1
-        count = 0
+        count = busy = 0
         for uid in uids:
             if self.stop_event.is_set():
                 break
-            self._handle(client, validity, uid)
+            if self._handle(client, validity, uid) == "busy":
+                busy += 1
             count += 1
         self.handled += count
+        self.busy = busy
         return count
 
     def _mark_done(self, client: IMAPClient, uid: int) -> None:
         flag = DONE_KEYWORD if self._use_keyword else b"\\Seen"
         client.add_flags([uid], [flag], silent=True)
 
-    def _handle(self, client: IMAPClient, validity: int, uid: int) -> None:
+    def _handle(self, client: IMAPClient, validity: int, uid: int) -> str | None:
+        """Handle one mail; return the door's outcome (None: nothing to do, or already done)."""
         data = client.fetch([uid], ["RFC822.SIZE"]).get(uid)
         if not data:
-            return  # expunged meanwhile
+            return None  # expunged meanwhile
         size = int(data.get(b"RFC822.SIZE", 0) or 0)
         key = message_key(validity, uid, self._key_folder)
         store = self.door.store
         record = store.get_message(self.account.name, key)
         if record is not None and record.state in ("done", "failed"):
             self._mark_done(client, uid)
-            return
+            return None
         limit = self.door.config.mail.max_message_bytes
         if size > limit:
-            self.door.drop(self.account, key, f"too large ({size} bytes > {limit})")
+            outcome = self.door.drop(self.account, key, f"too large ({size} bytes > {limit})")
             self._mark_done(client, uid)
-            return
+            return outcome
         body = client.fetch([uid], ["BODY.PEEK[]"]).get(uid)
         if not body:
-            return
+            return None
         raw = bytes(body.get(b"BODY[]", b"") or b"")
         started = time.monotonic()
         outcome = handle_mail(self.door, self.account, key, raw)
@@ -259,3 +271,4 @@ class Listener:
         )
         if outcome != "busy":
             self._mark_done(client, uid)
+        return outcome

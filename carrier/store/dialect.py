@@ -318,11 +318,20 @@ class PgConnection:
             return self._run(cur, sql, params)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> PgCursor:
-        total = 0
+        """One statement for many parameter rows, sent in one pipeline (not a round trip each:
+        event ingestion batches go through here). Returns no rows, as in SQLite."""
+        import psycopg
+
+        text, _ = translate(sql, self._identity)
+        rows = [[_param(p) for p in params] for params in seq]
+        if not rows:
+            return PgCursor([], 0)
         with self._cursor() as cur:
-            for params in seq:
-                total += max(0, self._run(cur, sql, params).rowcount)
-        return PgCursor([], total)
+            try:
+                cur.executemany(text, rows)
+            except psycopg.Error as exc:
+                raise _sqlite_error(exc) from exc
+            return PgCursor([], max(0, cur.rowcount))
 
     def lock(self, name: str) -> None:
         """Take the transaction-scoped advisory lock ``name`` (held until commit or rollback)."""

@@ -36,6 +36,18 @@ def acquire_lease(store: Store, account: str, message_id: str, owner: str, ttl: 
     return cur.rowcount == 1
 
 
+def renew_lease(store: Store, account: str, message_id: str, owner: str, ttl: float) -> bool:
+    """Push the end of ``owner``'s lease on a mail ``ttl`` seconds ahead; False if the lease is
+    no longer ``owner``'s. One row under its row lock (no store-wide lock: it runs beside the
+    mail's own transactions)."""
+    with store.transaction(lock=None) as conn:
+        cur = conn.execute(
+            "UPDATE mail_leases SET expires_at = ? WHERE account = ? AND message_id = ? AND owner = ?",
+            (store.clock() + ttl, account, message_id, owner),
+        )
+    return cur.rowcount == 1
+
+
 def lease_owner(store: Store, account: str, message_id: str) -> str | None:
     row = (
         store._conn()

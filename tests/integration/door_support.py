@@ -51,12 +51,14 @@ class Serve:
     lines: list[dict[str, Any]] = field(default_factory=list)
     #: stderr lines that are not JSON (there should be none: everything goes through Carrier's log).
     raw: list[str] = field(default_factory=list)
+    #: What runs `carrier serve` (e.g. in a mount namespace); it must exec it, keeping the pid.
+    prefix: tuple[str, ...] = ()
     _reader: threading.Thread = field(init=False, repr=False)
 
     def start(self, timeout: float = 90) -> Serve:
         self.lines = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "carrier", "serve", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", "carrier", "serve", "--config", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

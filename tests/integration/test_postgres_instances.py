@@ -65,9 +65,7 @@ def instances(sandbox: Sandbox, pg_cluster: Any, n: int) -> Iterator[tuple[list[
     serves = []
     for directory in dirs:
         directory.chmod(0o700)
-        # Mail another instance is busy with is looked at again soon (IDLE wakes on new mail only).
-        serves.append(Serve(door_config(sandbox, directory, store=store, playbook_dirs=playbook_dirs,
-                                        account={"check_interval": 3})))
+        serves.append(Serve(door_config(sandbox, directory, store=store, playbook_dirs=playbook_dirs)))
     try:
         yield serves, url
         for serve in serves:
@@ -75,7 +73,10 @@ def instances(sandbox: Sandbox, pg_cluster: Any, n: int) -> Iterator[tuple[list[
     finally:
         for serve in serves:
             if serve.proc is not None and serve.proc.poll() is None:
-                serve.stop()
+                try:
+                    serve.stop()
+                except subprocess.TimeoutExpired:
+                    serve.kill()  # never leave an instance behind (it would hold the next test's ports)
         home = str(sandbox.layout.gnupg_home("carrier"))
         subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, check=False,
                        timeout=30)
@@ -86,6 +87,63 @@ def instances(sandbox: Sandbox, pg_cluster: Any, n: int) -> Iterator[tuple[list[
 def handled_by(serve: Serve) -> int:
     return sum(1 for line in serve.lines
                if line.get("msg") == "mail handled" and line.get("outcome") not in ("busy", "already"))
+
+
+def _dump(url: str, serves: list[Serve]) -> None:
+    """What the store and both logs say (printed when a multi-instance test fails)."""
+    print("JOBS", pg_rows(url, "SELECT j.id, j.status, r.supervisor_pid FROM jobs j "
+                               "JOIN job_runs r ON r.job_id = j.id"))
+    print("MSGS", pg_rows(url, "SELECT message_id, state, error FROM messages"))
+    print("MJOBS", pg_rows(url, "SELECT job_id, state FROM mail_jobs"))
+    print("LEASES", pg_rows(url, "SELECT message_id, owner, expires_at FROM mail_leases"))
+    print("OUTBOX", pg_rows(url, "SELECT id, state, claimed_by, attempts, last_error FROM outbox"))
+    for i, serve in enumerate(serves):
+        for line in serve.lines:
+            if line.get("level") in ("WARNING", "ERROR") or line.get("logger") == "carrier.mail.gateway":
+                print(f"S{i}", line)
+
+
+def test_two_instances_share_40_mails_each_runs_once_and_is_answered_once(
+    sandbox: Sandbox, pg_cluster: Any
+) -> None:
+    n = 40
+    with instances(sandbox, pg_cluster, 2) as (serves, url), identities(sandbox) as people:
+        for serve in serves:
+            serve.start()
+        tag = token("pg2")
+        # Each signed text is unique (a signature block, which is no command): one signer, one text
+        # and one signature second make the same signature, and a second mail with it is a replay.
+        sent = [send_signed(sandbox, people["ops"], f"run ping on {HOSTS[i % 3]}\n-- \n{tag} m{i:02d}",
+                            f"{tag} m{i:02d}")[0]
+                for i in range(n)]
+        try:
+            replies = wait_replies(sandbox, "ops", tag, 2 * n, timeout=400, settle=5.0)
+        except AssertionError:
+            _dump(url, serves)
+            raise
+        assert len(replies) == 2 * n  # an acceptance and a result per mail, nothing twice
+        by_thread: dict[str, list[str]] = {}
+        for reply in replies:
+            by_thread.setdefault(str(reply["In-Reply-To"]), []).append(text_of(reply))
+        assert sorted(by_thread) == sorted(sent)
+        for texts in by_thread.values():
+            assert sum("accepted, job" in t for t in texts) == 1, texts
+            assert sum("succeeded" in t for t in texts) == 1, texts
+        jobs = pg_rows(url, "SELECT status FROM jobs WHERE door = 'mail'")
+        assert len(jobs) == n and {s for (s,) in jobs} == {"succeeded"}
+        assert pg_rows(url, "SELECT state, count(*) FROM messages GROUP BY state") == [("done", n)]
+        assert pg_rows(url, "SELECT count(*) FROM mail_leases") == [(0,)]
+        # Each mail decided once and started one job, in the audit chain.
+        audit = pg_rows(url, "SELECT action, outcome, count(*) FROM audit WHERE door = 'mail' "
+                             "GROUP BY action, outcome ORDER BY action")
+        assert audit == [("decide:playbook", "allowed", n), ("job:start", "accepted", n)]
+        # Both instances did work (one mailbox, one store, no double run).
+        assert all(handled_by(serve) > 0 for serve in serves), [handled_by(s) for s in serves]
+        assert sum(handled_by(serve) for serve in serves) == n
+        for serve in serves:
+            assert serve.stop() == 0
+        done = _carrier(serves[0].config, "audit", "--verify")
+        assert done.returncode == 0 and "audit chain ok" in done.stdout, done.stdout + done.stderr
 
 
 def test_sigkill_of_one_instance_mid_run_its_jobs_finish_on_the_other(
@@ -140,6 +198,55 @@ def test_sigkill_of_one_instance_mid_run_its_jobs_finish_on_the_other(
         states = pg_rows(url, "SELECT state, count(*) FROM messages GROUP BY state")
         assert states == [("done", len(HOSTS))]
         assert any(line.get("msg") == "job adopted" for line in survivor.lines)
+        assert survivor.stop() == 0
+
+
+def on_another_machine(fake_boot_id: Path) -> tuple[str, ...]:
+    """A prefix that runs a command as if on another machine: in a mount namespace of its own with
+    another boot id (what Carrier tells machines apart by, ``carrier.procid``), so the other
+    instance cannot judge it by its pid and must go by its leases. ``exec`` keeps the pid."""
+    fake_boot_id.write_text(f"another-machine-{token('boot')}\n")
+    script = f'mount --bind {fake_boot_id} /proc/sys/kernel/random/boot_id && exec "$@"'
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh")
+
+
+def test_a_mail_of_an_instance_killed_on_another_machine_is_taken_over_once_its_lease_runs_out(
+    sandbox: Sandbox, pg_cluster: Any, tmp_path: Path
+) -> None:
+    """The victim, on 'another machine', takes a mail and is SIGKILLed while working on it. The
+    survivor respects the lease while it lasts (the mail is busy), takes the mail once the lease
+    has run out (it is renewed no more), and answers it once."""
+    with instances(sandbox, pg_cluster, 2) as (serves, url), identities(sandbox) as people:
+        victim, survivor = serves
+        victim.prefix = on_another_machine(tmp_path / "boot_id")
+        victim.start()
+        assert victim.proc is not None
+        tag = token("pglease")
+        sent, _ = send_signed(sandbox, people["ops"], f"hosts\nplaybooks\n-- \n{tag}", tag)
+        owner = None
+        deadline = time.monotonic() + 60
+        while owner is None and time.monotonic() < deadline:
+            rows = pg_rows(url, "SELECT owner FROM mail_leases")
+            owner = next((o for (o,) in rows if o.startswith(f"{victim.proc.pid}|")), None)
+            time.sleep(0.01)
+        assert owner is not None, "the victim took no lease"
+        assert "another-machine-" in owner  # its identity is not this machine's
+        victim.kill()
+        assert pg_rows(url, "SELECT state FROM messages") != [("done",)]  # killed mid-mail
+        survivor.start()
+        try:
+            replies = wait_replies(sandbox, "ops", tag, 1, timeout=180, settle=5.0)
+        except AssertionError:
+            _dump(url, serves)
+            raise
+        assert len(replies) == 1 and str(replies[0]["In-Reply-To"]) == sent
+        text = text_of(replies[0])
+        assert "web1" in text and "slow" in text, text  # both commands answered: hosts, playbooks
+        assert pg_rows(url, "SELECT state, count(*) FROM messages GROUP BY state") == [("done", 1)]
+        assert pg_rows(url, "SELECT count(*) FROM mail_leases") == [(0,)]
+        outcomes = [line.get("outcome") for line in survivor.lines if line.get("msg") == "mail handled"]
+        assert outcomes[0] == "busy" and outcomes[-1] == "answered", outcomes  # the lease held first
+        assert outcomes.count("answered") == 1
         assert survivor.stop() == 0
 
 

@@ -130,3 +130,23 @@ def test_store_lock_serialises_writers_across_stores(pg_url: str, tmp_path: Path
     finally:
         a.close()
         b.close()
+
+
+def test_executemany_sends_a_batch_counts_it_and_fails_whole(pg_url: str, tmp_path: Path) -> None:
+    """Event batches go through ``executemany`` (one pipeline): every row lands, the count is the
+    batch's, an empty batch is nothing, and a row that breaks a constraint fails the transaction."""
+    import sqlite3
+
+    with Store.open(tmp_path / "state", url=pg_url) as store:
+        job = store.create_job("exec", "a", "cli", "web1").id
+        sql = "INSERT INTO job_events (job_id, seq, ts, type, data) VALUES (?, ?, ?, ?, ?)"
+        with store.transaction(lock=None) as conn:
+            cur = conn.executemany(sql, [(job, i, 1.0, "output", f'{{"n": {i}}}') for i in range(100, 400)])
+            assert cur.rowcount == 300
+            assert conn.executemany(sql, []).rowcount == 0
+        assert store._conn().execute("SELECT count(*) FROM job_events WHERE seq >= 100").fetchone()[0] == 300
+        with pytest.raises(sqlite3.IntegrityError), store.transaction(lock=None) as conn:
+            conn.executemany(sql, [(job, 900, 1.0, "output", "{}"), (job, 100, 1.0, "output", "{}")])
+        assert store._conn().execute("SELECT count(*) FROM job_events WHERE seq = 900").fetchone()[0] == 0
+        first = store.append_events(job, [("output", {"x": 1})] * 3)
+        assert len(first) == 3 and first == list(range(first[0], first[0] + 3))
