@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from carrier.ansible.errors import EngineError
+from carrier.ansible.strategy import DEFAULT_STRATEGY, strategy_env
 from carrier.procid import process_start as process_start  # re-exported for the job manager
 
 IDENT = "run"
@@ -97,9 +98,11 @@ class RunSpec:
 
 
 def ansible_env(
-    *, ssh_env: Mapping[str, str], local_temp: Path, forks: int, parent: Mapping[str, str] | None = None
+    *, ssh_env: Mapping[str, str], local_temp: Path, forks: int, parent: Mapping[str, str] | None = None,
+    strategy: str = DEFAULT_STRATEGY,
 ) -> dict[str, str]:
-    """The environment of a run: a few safe variables from ``parent`` and Carrier's Ansible settings.
+    """The environment of a run: a few safe variables from ``parent`` and Carrier's Ansible settings,
+    ``strategy`` among them (``carrier.ansible.strategy``).
 
     Nothing else of Carrier's environment goes in (ansible-runner copies the environment into its
     artifacts, and Carrier's may hold mail passwords). Host key checking is set explicitly: runner
@@ -129,6 +132,7 @@ def ansible_env(
             "PYTHONWARNINGS": "ignore",
         }
     )
+    env.update(strategy_env(strategy))
     env.update(ssh_env)  # ANSIBLE_SSH_ARGS and the ControlPath settings (carrier.ansible.ssh)
     return env
 
@@ -416,8 +420,16 @@ def _first_error(text: str) -> str:
     return next((line for line in reversed(lines) if line), "")
 
 
+#: Mitogen's connection reads ssh's output itself and reports a refused host key in these words
+#: instead of ssh's own "Host key verification failed."
+_MITOGEN_HOST_KEY = "Host key checking is enabled, and SSH reported an unrecognized or mismatching host key"
+
+
 def _clean_msg(value: Any) -> str:
     text = " ".join(str(value or "").split())
+    if _MITOGEN_HOST_KEY in text:  # one wording for a refused host key, whatever the strategy
+        text = "Host key verification failed (the host's key is unknown or changed; host key " \
+               "checking is on)"
     return text if len(text) <= 300 else text[:297] + "..."
 
 

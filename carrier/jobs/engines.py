@@ -30,6 +30,7 @@ from carrier.ansible.errors import ControllerError, EngineError, SshError
 from carrier.ansible.fastpath import ExecResult, exec_on_hosts
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl, remote_command
+from carrier.ansible.strategy import DEFAULT_STRATEGY, check_strategy, effective_strategy, usable_strategy
 from carrier.config import SECRET_NAME
 from carrier.errors import ConfigError
 from carrier.jobs.manager import JobContext, Outcome, Submission
@@ -106,13 +107,16 @@ class _RunnerEngine:
     detachable = True
 
     def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True,
-                 secrets: Callable[[str], str] | None = None, nodes: NodePool | None = None) -> None:
+                 secrets: Callable[[str], str] | None = None, nodes: NodePool | None = None,
+                 strategy: str = DEFAULT_STRATEGY) -> None:
         self.inventory = inventory
         self.ssh = ssh
         self.warm_masters = warm_masters
         #: Named secret -> value (carrier.secretstore.lookup), read when a run starts.
         self.secrets = secrets
         self.nodes = nodes
+        #: ``ansible.strategy`` from carrier.yml; each job's own is in its spec (``_strategy``).
+        self.strategy = check_strategy(strategy)
 
     def _placed(self, spec: dict[str, Any], hosts: Sequence[str]) -> dict[str, Any]:
         """``spec`` with the execution node serving all of ``hosts``, when one does."""
@@ -150,8 +154,13 @@ class _RunnerEngine:
             with ThreadPoolExecutor(min(16, len(conns)), thread_name_prefix="carrier-warm") as pool:
                 list(pool.map(warm, conns))
 
-    def _env(self, run_dir: Path, forks: int) -> dict[str, str]:
-        return ar.ansible_env(ssh_env=self.ssh.ansible_env(), local_temp=run_dir / "tmp", forks=forks)
+    def _env(self, run_dir: Path, forks: int, strategy: str) -> dict[str, str]:
+        return ar.ansible_env(ssh_env=self.ssh.ansible_env(), local_temp=run_dir / "tmp", forks=forks,
+                              strategy=strategy)
+
+    def _strategy(self, job: JobRecord) -> str:
+        """The strategy chosen when the job was queued (a job queued before there was one: the setting)."""
+        return check_strategy(job.spec.get("strategy") or self.strategy)
 
     def _runspec(self, ctx: JobContext) -> ar.RunSpec:
         raise NotImplementedError
@@ -192,7 +201,8 @@ class _RunnerEngine:
         worker = ar.start_worker(ctx.run_dir, spec, become_password=password)
         del password
         ctx.set_process(worker.pid, worker.start)
-        ctx.emit("runner.started", {"pid": worker.pid, **({"node": node.name} if node else {})})
+        ctx.emit("runner.started", {"pid": worker.pid, "strategy": self._strategy(ctx.job),
+                                    **({"node": node.name} if node else {})})
         return self._supervise(ctx, worker)
 
     def _before_start(self, ctx: JobContext) -> Outcome | None:
@@ -340,6 +350,8 @@ class PlaybookEngine(_RunnerEngine):
         hosts = self.inventory.targets(check_pattern(limit), controller=controller)
         check_controller_use(info, controller=controller)
         extra = validate_extra_vars(info, request.get("extra_vars"))
+        # A run that needs a become password (become_secret) must pass needs_become_password=True.
+        strategy = usable_strategy(effective_strategy(self.strategy, info.strategy))
         spec = {
             "playbook": info.name,
             "path": str(info.path),
@@ -355,6 +367,7 @@ class PlaybookEngine(_RunnerEngine):
             "admin_only": info.admin_only,
             "controller": controller,
             "become_secret": _secret_name(request),
+            "strategy": strategy,
         }
         return Submission(target=limit, spec=self._placed(spec, hosts), hosts=tuple(hosts))
 
@@ -391,7 +404,7 @@ class PlaybookEngine(_RunnerEngine):
             diff=bool(spec.get("diff")),
             forks=forks,
             timeout=int(spec["timeout"]),
-            env=self._env(ctx.run_dir, forks),
+            env=self._env(ctx.run_dir, forks, self._strategy(ctx.job)),
         )
 
 
@@ -446,6 +459,7 @@ class AdhocEngine(_RunnerEngine):
             "timeout": _int(request, "timeout", DEFAULT_TIMEOUT, 1, MAX_TIMEOUT),
             "shell": shell,
             "become_secret": _secret_name(request),
+            "strategy": usable_strategy(effective_strategy(self.strategy, module=module)),
         }
         return Submission(target=pattern, spec=self._placed(spec, hosts), hosts=tuple(hosts))
 
@@ -464,7 +478,7 @@ class AdhocEngine(_RunnerEngine):
             check=bool(spec.get("check")),
             forks=forks,
             timeout=int(spec["timeout"]),
-            env=self._env(ctx.run_dir, forks),
+            env=self._env(ctx.run_dir, forks, self._strategy(ctx.job)),
         )
 
 

@@ -1,0 +1,152 @@
+"""The Ansible strategy of a run: the setting, the catalog override, the fallbacks to linear, the
+environment that selects it, and a bad value as a clear error (carrier.yml and the catalog)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from carrier.ansible.catalog import Catalog
+from carrier.ansible.errors import EngineError, PlaybookError
+from carrier.ansible.runner import ansible_env
+from carrier.ansible.strategy import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    check_strategy,
+    effective_strategy,
+    mitogen_strategy_dir,
+    strategy_env,
+)
+from carrier.config import check_config, load_config
+
+CONFIG = """\
+inventory: inventory
+accounts:
+  - name: carrier
+    address: carrier@example.test
+    password_file: carrier.pass
+    imap: {host: imap.example.test}
+    smtp: {host: smtp.example.test}
+"""
+PLAY = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n"
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    write(tmp_path / "inventory" / "hosts.yml", "all: {hosts: {web1: {}}}\n", 0o644)
+    write(tmp_path / "carrier.pass", "s3cret-mail\n")
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def test_the_default_is_mitogen() -> None:
+    assert DEFAULT_STRATEGY == "mitogen" and STRATEGIES == ("mitogen", "linear", "free")
+    assert effective_strategy(DEFAULT_STRATEGY) == "mitogen"
+
+
+@pytest.mark.parametrize(
+    ("setting", "playbook", "expected"),
+    [("mitogen", None, "mitogen"), ("mitogen", "linear", "linear"), ("linear", "mitogen", "mitogen"),
+     ("linear", None, "linear"), ("free", None, "free"), ("mitogen", "free", "free")],
+)
+def test_the_catalog_wins_over_the_setting(setting: str, playbook: str | None, expected: str) -> None:
+    assert effective_strategy(setting, playbook) == expected
+
+
+def test_a_become_password_or_a_python_less_module_falls_back_to_linear() -> None:
+    assert effective_strategy("mitogen", needs_become_password=True) == "linear"
+    assert effective_strategy("linear", "mitogen", needs_become_password=True) == "linear"
+    assert effective_strategy("mitogen", module="raw") == "linear"
+    assert effective_strategy("mitogen", module="command") == "mitogen"
+    assert effective_strategy("free", needs_become_password=True, module="raw") == "free"
+
+
+@pytest.mark.parametrize("value", ["fast", "", "mitogen_linear", 3, None])
+def test_a_bad_strategy_says_which_are_accepted(value: object) -> None:
+    with pytest.raises(EngineError, match="must be one of mitogen, linear, free"):
+        check_strategy(value)
+
+
+# --------------------------------------------------------------------------- the environment
+
+
+def test_mitogen_points_ansible_at_the_installed_plugin() -> None:
+    env = strategy_env("mitogen")
+    assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
+    assert Path(env["ANSIBLE_STRATEGY_PLUGINS"]) == mitogen_strategy_dir()
+    assert (mitogen_strategy_dir() / "mitogen_linear.py").is_file()
+    assert strategy_env("linear") == {"ANSIBLE_STRATEGY": "linear"}
+    assert strategy_env("free") == {"ANSIBLE_STRATEGY": "free"}
+
+
+def test_the_run_environment_keeps_carriers_ssh_options_and_hides_the_plugin_warning() -> None:
+    ssh_env = {"ANSIBLE_SSH_ARGS": "-o ControlPath=/x/%C", "ANSIBLE_SSH_CONTROL_PATH_DIR": "/x"}
+    env = ansible_env(ssh_env=ssh_env, local_temp=Path("/tmp/t"), forks=3, parent={}, strategy="mitogen")
+    assert env["ANSIBLE_STRATEGY"] == "mitogen_linear" and env["ANSIBLE_SSH_ARGS"] == "-o ControlPath=/x/%C"
+    assert env["ANSIBLE_HOST_KEY_CHECKING"] == "True"
+    # ansible-core's "third-party strategy plugins are deprecated" is a deprecation warning.
+    assert env["ANSIBLE_DEPRECATION_WARNINGS"] == "False"
+    linear = ansible_env(ssh_env=ssh_env, local_temp=Path("/tmp/t"), forks=3, parent={}, strategy="linear")
+    assert linear["ANSIBLE_STRATEGY"] == "linear" and "ANSIBLE_STRATEGY_PLUGINS" not in linear
+
+
+# --------------------------------------------------------------------------- carrier.yml and the catalog
+
+
+def test_the_setting_is_read_from_carrier_yml(site: Path) -> None:
+    config = load_config(write(site / "carrier.yml", CONFIG + "ansible: {strategy: linear}\n"), {})
+    assert config.ansible.strategy == "linear"
+    assert load_config(write(site / "carrier.yml", CONFIG), {}).ansible.strategy == "mitogen"
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [("ansible: {strategy: fast}\n",
+      "ansible.strategy (line 8): 'fast' is not one of: mitogen, linear, free"),
+     ("ansible: {strategie: linear}\n", "ansible.strategie (line 8): unknown key")],
+)
+def test_a_bad_setting_is_a_clear_config_error(site: Path, section: str, message: str) -> None:
+    problems = check_config(write(site / "carrier.yml", CONFIG + section), {})
+    assert len(problems) == 1 and problems[0].startswith(message), problems
+
+
+def test_the_catalog_reads_a_playbooks_strategy(tmp_path: Path) -> None:
+    write(tmp_path / "ping.yml", PLAY, 0o644)
+    write(tmp_path / "ping.meta.yml", "strategy: Linear\n", 0o644)
+    write(tmp_path / "plain.yml", PLAY, 0o644)
+    catalog = Catalog([tmp_path])
+    info = catalog.get("ping")
+    assert info is not None and info.strategy == "linear" and info.to_dict()["strategy"] == "linear"
+    plain = catalog.get("plain")
+    assert plain is not None and plain.strategy is None
+
+
+def test_a_bad_strategy_in_the_catalog_names_the_file(tmp_path: Path) -> None:
+    write(tmp_path / "ping.yml", PLAY, 0o644)
+    write(tmp_path / "ping.meta.yml", "strategy: turbo\n", 0o644)
+    with pytest.raises(PlaybookError, match="strategy must be one of mitogen, linear, free") as err:
+        Catalog([tmp_path]).get("ping")
+    assert "ping.meta.yml" in str(err.value) and "fix the catalog file" in str(err.value)
+
+
+def test_a_refused_host_key_reads_the_same_under_mitogen() -> None:
+    from carrier.ansible.runner import RunResult, judge
+
+    mitogen = ("Task failed: Host key checking is enabled, and SSH reported an unrecognized or "
+               "mismatching host key.")
+    events = [("ansible.runner_on_unreachable", {"host": "stranger", "res": {"msg": mitogen}})]
+    verdict = judge(RunResult("failed", 4), events)
+    assert (verdict.status, verdict.reason) == ("failed", "unreachable")
+    assert verdict.message.startswith("unreachable: stranger (Host key verification failed")
