@@ -39,19 +39,23 @@ def effective_strategy(
     *,
     needs_become_password: bool = False,
     module: str | None = None,
+    on_node: bool = False,
 ) -> str:
     """The strategy a run uses: the playbook's catalog choice, else the engine's ``setting``.
 
-    Falls back to ``linear`` from ``mitogen`` for:
+    Falls back to ``linear`` from ``mitogen`` (whoever chose it) for:
 
-    - runs that need a become password (``become_secret``): Mitogen hands it to sudo/su/doas through
-      its own pty handling in its connection multiplexer, a path Carrier's tests do not cover and
-      whose logging Carrier does not control, so the secret stays on Ansible's own, tested path;
+    - runs on an execution node (``carrier.nodes``): the node's own ansible-runner runs the play,
+      and a node has no Mitogen (Debian's ansible-runner, see docs/nodes.md);
+    - runs that need a become password (a role's ``become_secret``, handed to Ansible through the
+      ``--become-password-file`` FIFO, ``carrier.ansible.worker``): Mitogen hands it to sudo/su/doas
+      through its own pty handling in its connection multiplexer, a path Carrier's tests do not
+      cover and whose logging Carrier does not control, so the secret stays on Ansible's own path;
     - ad-hoc modules for hosts without Python (``raw``): under Mitogen every task needs Python on
       the host.
     """
     chosen = check_strategy(playbook, "the playbook's strategy") if playbook else check_strategy(setting)
-    if chosen == "mitogen" and (needs_become_password or module in NO_PYTHON_MODULES):
+    if chosen == "mitogen" and (on_node or needs_become_password or module in NO_PYTHON_MODULES):
         return "linear"
     return chosen
 

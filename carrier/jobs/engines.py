@@ -159,8 +159,19 @@ class _RunnerEngine:
                               strategy=strategy)
 
     def _strategy(self, job: JobRecord) -> str:
-        """The strategy chosen when the job was queued (a job queued before there was one: the setting)."""
-        return check_strategy(job.spec.get("strategy") or self.strategy)
+        """The job's strategy: the one chosen when it was queued (``_with_strategy``; a job queued
+        before there was one: the setting), with the same fallbacks applied again."""
+        spec = job.spec
+        return effective_strategy(spec.get("strategy") or self.strategy, module=spec.get("module"),
+                                  needs_become_password=bool(spec.get("become_secret")),
+                                  on_node=bool(spec.get("node")))
+
+    def _with_strategy(self, spec: dict[str, Any], catalog: str | None = None) -> dict[str, Any]:
+        """``spec`` (already placed on its node, ``_placed``) with the strategy its run uses."""
+        chosen = effective_strategy(self.strategy, catalog, module=spec.get("module"),
+                                    needs_become_password=bool(spec.get("become_secret")),
+                                    on_node=bool(spec.get("node")))
+        return {**spec, "strategy": usable_strategy(chosen)}
 
     def _runspec(self, ctx: JobContext) -> ar.RunSpec:
         raise NotImplementedError
@@ -350,8 +361,6 @@ class PlaybookEngine(_RunnerEngine):
         hosts = self.inventory.targets(check_pattern(limit), controller=controller)
         check_controller_use(info, controller=controller)
         extra = validate_extra_vars(info, request.get("extra_vars"))
-        # A run that needs a become password (become_secret) must pass needs_become_password=True.
-        strategy = usable_strategy(effective_strategy(self.strategy, info.strategy))
         spec = {
             "playbook": info.name,
             "path": str(info.path),
@@ -367,9 +376,9 @@ class PlaybookEngine(_RunnerEngine):
             "admin_only": info.admin_only,
             "controller": controller,
             "become_secret": _secret_name(request),
-            "strategy": strategy,
         }
-        return Submission(target=limit, spec=self._placed(spec, hosts), hosts=tuple(hosts))
+        return Submission(target=limit, spec=self._with_strategy(self._placed(spec, hosts), info.strategy),
+                          hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"playbook {job.spec.get('playbook', '?')}"
@@ -459,9 +468,9 @@ class AdhocEngine(_RunnerEngine):
             "timeout": _int(request, "timeout", DEFAULT_TIMEOUT, 1, MAX_TIMEOUT),
             "shell": shell,
             "become_secret": _secret_name(request),
-            "strategy": usable_strategy(effective_strategy(self.strategy, module=module)),
         }
-        return Submission(target=pattern, spec=self._placed(spec, hosts), hosts=tuple(hosts))
+        return Submission(target=pattern, spec=self._with_strategy(self._placed(spec, hosts)),
+                          hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"module {job.spec.get('module', '?')}"

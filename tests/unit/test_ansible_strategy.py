@@ -11,7 +11,9 @@ import pytest
 
 from carrier.ansible.catalog import Catalog
 from carrier.ansible.errors import EngineError, PlaybookError
+from carrier.ansible.inventory import Inventory
 from carrier.ansible.runner import ansible_env
+from carrier.ansible.ssh import SshControl
 from carrier.ansible.strategy import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -20,7 +22,9 @@ from carrier.ansible.strategy import (
     mitogen_strategy_dir,
     strategy_env,
 )
-from carrier.config import check_config, load_config
+from carrier.config import ExecutionNode, check_config, load_config
+from carrier.jobs.engines import AdhocEngine, PlaybookEngine
+from carrier.nodes.pool import NodePool
 
 CONFIG = """\
 inventory: inventory
@@ -71,6 +75,13 @@ def test_a_become_password_or_a_python_less_module_falls_back_to_linear() -> Non
     assert effective_strategy("mitogen", module="raw") == "linear"
     assert effective_strategy("mitogen", module="command") == "mitogen"
     assert effective_strategy("free", needs_become_password=True, module="raw") == "free"
+
+
+def test_a_run_on_an_execution_node_falls_back_to_linear() -> None:
+    # The node's own ansible-runner (Debian's) runs the play there: it has no Mitogen.
+    assert effective_strategy("mitogen", on_node=True) == "linear"
+    assert effective_strategy("linear", "mitogen", on_node=True) == "linear"
+    assert effective_strategy("free", on_node=True) == "free"
 
 
 @pytest.mark.parametrize("value", ["fast", "", "mitogen_linear", 3, None])
@@ -150,3 +161,46 @@ def test_a_refused_host_key_reads_the_same_under_mitogen() -> None:
     verdict = judge(RunResult("failed", 4), events)
     assert (verdict.status, verdict.reason) == ("failed", "unreachable")
     assert verdict.message.startswith("unreachable: stranger (Host key verification failed")
+
+
+# --------------------------------------------------------------------------- what the engines queue
+
+NODE_INVENTORY = """\
+all:
+  children:
+    web: {hosts: {web1: {ansible_host: 10.0.0.1}}}
+    db: {hosts: {db1: {ansible_host: 10.0.0.3}}}
+    exec: {hosts: {exec1: {ansible_host: 10.0.0.9}}}
+"""
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> tuple[PlaybookEngine, AdhocEngine]:
+    inventory = Inventory(write(tmp_path / "hosts.yml", NODE_INVENTORY))
+    write(tmp_path / "books" / "play.yml", PLAY)
+    write(tmp_path / "books" / "pinned.yml", PLAY)
+    write(tmp_path / "books" / "pinned.meta.yml", "strategy: mitogen\n")
+    nodes = NodePool.build([ExecutionNode("n1", "exec1", ("web",))], inventory)
+    ssh = SshControl(tmp_path / "state")
+    return (PlaybookEngine(inventory, ssh, Catalog([tmp_path / "books"]), nodes=nodes, strategy="mitogen"),
+            AdhocEngine(inventory, ssh, nodes=nodes, strategy="mitogen"))
+
+
+def test_a_job_for_a_node_is_queued_linear(engines: tuple[PlaybookEngine, AdhocEngine]) -> None:
+    playbook, adhoc = engines
+    on_node = playbook.prepare({"playbook": "play", "limit": "web1"}).spec
+    assert (on_node["node"], on_node["strategy"]) == ("n1", "linear")
+    # Even a playbook whose catalog entry asks for Mitogen: the node cannot run it.
+    assert playbook.prepare({"playbook": "pinned", "limit": "web1"}).spec["strategy"] == "linear"
+    assert adhoc.prepare({"module": "ping", "pattern": "web1"}).spec["strategy"] == "linear"
+    here = playbook.prepare({"playbook": "play", "limit": "db1"}).spec
+    assert "node" not in here and here["strategy"] == "mitogen"
+
+
+def test_a_job_with_a_become_secret_is_queued_linear(engines: tuple[PlaybookEngine, AdhocEngine]) -> None:
+    playbook, adhoc = engines
+    spec = playbook.prepare({"playbook": "pinned", "limit": "db1", "become_secret": "db_sudo"}).spec
+    assert (spec["become_secret"], spec["strategy"]) == ("db_sudo", "linear")
+    spec = adhoc.prepare({"module": "ping", "pattern": "db1", "become_secret": "db_sudo"}).spec
+    assert spec["strategy"] == "linear"
+    assert adhoc.prepare({"module": "ping", "pattern": "db1"}).spec["strategy"] == "mitogen"
