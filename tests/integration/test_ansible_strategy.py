@@ -126,6 +126,18 @@ def test_mitogen_keeps_host_key_checking_on(workdir: Path, inventory_dir: Path, 
     assert "Host key verification failed" in view.message
 
 
+def test_an_unreachable_host_under_mitogen_reads_clearly(system: JobSystem) -> None:
+    view = system.manager.run_playbook("who", owner="o", door="cli", limit="ghost,web1")
+    view = system.manager.wait(view.id, 120)
+    events, _ = system.manager.output(view.id, 0, 1000)
+    assert next(e.data for e in events if e.type == "runner.started")["strategy"] == "mitogen"
+    assert (view.status, view.reason) == ("failed", "unreachable")
+    # Mitogen's own "EOF on stream; last 100 lines received: ..." comes out as ssh's last word.
+    assert view.message.startswith("unreachable: ghost (Task failed: the ssh connection ended: ssh: connect "
+                                   "to host 127.0.0.14 port "), view.message
+    assert view.message.endswith(": Connection refused)") and "EOF on stream" not in view.message
+
+
 def test_an_adhoc_raw_job_runs_linear(system: JobSystem) -> None:
     options = {"args": "echo raw-ok", "shell": True}  # the job's shell permission, no local shell
     view = system.manager.run_adhoc("raw", "web1", owner="o", door="cli", **options)

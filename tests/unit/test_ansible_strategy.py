@@ -163,6 +163,34 @@ def test_a_refused_host_key_reads_the_same_under_mitogen() -> None:
     assert verdict.message.startswith("unreachable: stranger (Host key verification failed")
 
 
+def _unreachable(msg: str) -> str:
+    from carrier.ansible.runner import RunResult, judge
+
+    events = [("ansible.runner_on_unreachable", {"host": "ghost", "res": {"msg": msg}})]
+    return judge(RunResult("failed", 4), events).message
+
+
+def test_mitogens_other_ssh_failures_read_clearly() -> None:
+    unknown = ("SSH requested permission to accept unknown host key, but check_host_keys=ignore. This is "
+               "likely due to ssh_args=  conflicting with check_host_keys=. Please correct your "
+               "configuration.")
+    assert _unreachable(unknown).startswith("unreachable: ghost (Host key verification failed")
+    assert _unreachable("Task failed: SSH authentication is incorrect") == (
+        "unreachable: ghost (Permission denied: the host refused ssh's key or user (ssh authentication "
+        "failed))")
+    # Mitogen's "EOF on stream" carries up to 100 lines of ssh's output: the last one says why.
+    banner = "\n".join(f"banner line {i}" for i in range(40))
+    eof = (f"Task failed: EOF on stream; last 100 lines received:\n{banner}\n"
+           "ssh: connect to host 127.0.0.14 port 4312: Connection refused\n")
+    assert _unreachable(eof) == ("unreachable: ghost (Task failed: the ssh connection ended: ssh: connect to "
+                                 "host 127.0.0.14 port 4312: Connection refused)")
+    assert _unreachable("Task failed: EOF on stream; last 100 lines received:\n") == (
+        "unreachable: ghost (Task failed: the ssh connection ended: ssh printed nothing)")
+    # Ansible's own wording is left as it is.
+    plain = 'Data could not be sent to remote host "127.0.0.14": ssh: connect to host: Connection refused'
+    assert _unreachable(plain) == f"unreachable: ghost ({plain})"
+
+
 # --------------------------------------------------------------------------- what the engines queue
 
 NODE_INVENTORY = """\
