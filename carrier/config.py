@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from carrier.ansible.strategy import DEFAULT_STRATEGY, STRATEGIES
 from carrier.errors import ConfigError
 
 TlsMode = Literal["implicit", "starttls", "none"]
@@ -344,6 +345,13 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AnsibleSettings:
+    #: The Ansible strategy of playbook and ad-hoc runs (``carrier.ansible.strategy``); a playbook's
+    #: catalog metadata may name its own.
+    strategy: str = DEFAULT_STRATEGY
+
+
+@dataclass(frozen=True, kw_only=True)
 class MailSettings:
     #: Where ``mail_attachment_get(save_to=...)`` may write and ``mail_send`` attachments by path
     #: may be read from; ``None`` in the file means ``<state_dir>/downloads``.
@@ -419,6 +427,7 @@ class Config:
     mail: MailSettings = field(default_factory=MailSettings)
     secret_refs: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
     execution_nodes: tuple[ExecutionNode, ...] = ()
+    ansible: AnsibleSettings = field(default_factory=AnsibleSettings)
 
     @property
     def default_account(self) -> MailAccount:
@@ -1345,6 +1354,7 @@ def _execution_nodes(value: Any, at: _At) -> tuple[ExecutionNode, ...]:
     return nodes
 
 
+_ANSIBLE: Mapping[str, _F] = {"strategy": _F(_choice(*STRATEGIES), DEFAULT_STRATEGY)}
 _TOP: Mapping[str, _F] = {
     "state_dir": _F(_path),
     "inventory": _F(_inventory, _REQUIRED, "set it to an Ansible inventory file or directory"),
@@ -1366,6 +1376,7 @@ _TOP: Mapping[str, _F] = {
     "mail": _F(_section(MailSettings, _MAIL), MailSettings()),
     "secrets": _F(_secrets, MappingProxyType({})),
     "execution_nodes": _F(_execution_nodes, ()),
+    "ansible": _F(_section(AnsibleSettings, _ANSIBLE), AnsibleSettings()),
 }
 
 

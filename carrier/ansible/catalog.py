@@ -15,6 +15,8 @@ Its catalog entry is the sidecar ``NAME.meta.yml`` beside it (like an AWX survey
                                  # requester, approve it by signed mail (`approve <job>`); it is
                                  # cancelled after `expires` seconds without; `preview`: a check-mode
                                  # --diff run's recap goes to the approvers (see docs/approvals.md)
+    strategy: linear             # the Ansible strategy of its runs (mitogen, linear or free),
+                                 # instead of the engine's `ansible.strategy` (carrier.yml)
     vars:
       path: {type: str, default: /, pattern: '^/[A-Za-z0-9_./-]*$', description: mount point}
       warn_percent: {type: int, default: 90, min: 1, max: 100}
@@ -40,8 +42,9 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from carrier.ansible.errors import ExtraVarsError, PatternError, PlaybookError
+from carrier.ansible.errors import EngineError, ExtraVarsError, PatternError, PlaybookError
 from carrier.ansible.inventory import check_pattern
+from carrier.ansible.strategy import check_strategy
 from carrier.formats import PLAYBOOK_EXTENSIONS as _EXTENSIONS
 from carrier.formats import PLAYBOOK_NAME_RE as _NAME_RE
 from carrier.formats import ROLE_NAME_RE, playbook_stem
@@ -115,6 +118,8 @@ class PlaybookInfo:
     #: The metadata declares that it runs tasks on the controller (see carrier.ansible.controller).
     controller: bool = False
     approval: ApprovalRule | None = None
+    #: The metadata's own strategy (``carrier.ansible.strategy``); None: the engine's setting.
+    strategy: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +129,7 @@ class PlaybookInfo:
             "admin_only": self.admin_only,
             "controller": self.controller,
             "default_limit": self.default_limit,
+            "strategy": self.strategy,
             "vars": {name: spec.to_dict() for name, spec in self.vars.items()},
         }
 
@@ -209,8 +215,9 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
         raw = {}
     if not isinstance(raw, Mapping):
         raise _fail(meta, "expected a mapping (description, admin_only, controller, default_limit, approval, "
-                          "vars)")
-    unknown = set(raw) - {"description", "admin_only", "controller", "default_limit", "approval", "vars"}
+                          "strategy, vars)")
+    unknown = set(raw) - {"description", "admin_only", "controller", "default_limit", "approval", "strategy",
+                          "vars"}
     if unknown:
         raise _fail(meta, f"unknown keys {', '.join(sorted(map(str, unknown)))}")
     default_limit = raw.get("default_limit")
@@ -219,6 +226,12 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
             check_pattern(str(default_limit))
         except PatternError as exc:
             raise _fail(meta, f"default_limit: {exc}") from None
+    strategy = raw.get("strategy")
+    if strategy is not None:
+        try:
+            strategy = check_strategy(strategy)
+        except EngineError as exc:
+            raise _fail(meta, str(exc)) from None
     specs = raw.get("vars") or {}
     if not isinstance(specs, Mapping):
         raise _fail(meta, "vars must be a mapping of name: {type: ...}")
@@ -231,6 +244,7 @@ def _load_meta(playbook: Path, directory: Path, name: str) -> PlaybookInfo:
         controller=_flag(meta, raw, "controller"),
         default_limit=str(default_limit) if default_limit is not None else None,
         approval=_approval(meta, raw.get("approval")),
+        strategy=strategy,
         vars={str(k): _parse_var(meta, str(k), v) for k, v in specs.items()},
     )
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from carrier.ansible.errors import EngineError
+from carrier.ansible.strategy import DEFAULT_STRATEGY, strategy_env
 from carrier.procid import process_start as process_start  # re-exported for the job manager
 
 IDENT = "run"
@@ -97,9 +98,11 @@ class RunSpec:
 
 
 def ansible_env(
-    *, ssh_env: Mapping[str, str], local_temp: Path, forks: int, parent: Mapping[str, str] | None = None
+    *, ssh_env: Mapping[str, str], local_temp: Path, forks: int, parent: Mapping[str, str] | None = None,
+    strategy: str = DEFAULT_STRATEGY,
 ) -> dict[str, str]:
-    """The environment of a run: a few safe variables from ``parent`` and Carrier's Ansible settings.
+    """The environment of a run: a few safe variables from ``parent`` and Carrier's Ansible settings,
+    ``strategy`` among them (``carrier.ansible.strategy``).
 
     Nothing else of Carrier's environment goes in (ansible-runner copies the environment into its
     artifacts, and Carrier's may hold mail passwords). Host key checking is set explicitly: runner
@@ -129,6 +132,7 @@ def ansible_env(
             "PYTHONWARNINGS": "ignore",
         }
     )
+    env.update(strategy_env(strategy))
     env.update(ssh_env)  # ANSIBLE_SSH_ARGS and the ControlPath settings (carrier.ansible.ssh)
     return env
 
@@ -416,8 +420,33 @@ def _first_error(text: str) -> str:
     return next((line for line in reversed(lines) if line), "")
 
 
+#: Mitogen's connection reads ssh's output itself and words its failures its own way; a job's
+#: message says them the way a person (and Ansible's own ssh connection) would.
+_MITOGEN_HOST_KEY = (
+    "Host key checking is enabled, and SSH reported an unrecognized or mismatching host key",
+    "SSH requested permission to accept unknown host key",
+)
+_HOST_KEY_TEXT = ("Host key verification failed (the host's key is unknown or changed; host key checking "
+                  "is on)")
+_MITOGEN_AUTH = "SSH authentication is incorrect"
+_AUTH_TEXT = "Permission denied: the host refused ssh's key or user (ssh authentication failed)"
+#: Mitogen's "the ssh process ended": its last line says why (connection refused, no route...).
+_MITOGEN_EOF = "EOF on stream; last 100 lines received:"
+
+
 def _clean_msg(value: Any) -> str:
-    text = " ".join(str(value or "").split())
+    """A task's or host's message on one line of at most 300 characters, Mitogen's in plain words."""
+    raw = str(value or "")
+    if any(marker in raw for marker in _MITOGEN_HOST_KEY):  # one wording, whatever the strategy
+        raw = _HOST_KEY_TEXT
+    elif _MITOGEN_AUTH in raw:
+        raw = _AUTH_TEXT
+    else:
+        head, eof, received = raw.partition(_MITOGEN_EOF)
+        if eof:
+            lines = [line.strip() for line in received.splitlines() if line.strip()]
+            raw = f"{head}the ssh connection ended: {lines[-1] if lines else 'ssh printed nothing'}"
+    text = " ".join(raw.split())
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -30,6 +30,7 @@ from carrier.ansible.errors import ControllerError, EngineError, SshError
 from carrier.ansible.fastpath import ExecResult, exec_on_hosts
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl, remote_command
+from carrier.ansible.strategy import DEFAULT_STRATEGY, check_strategy, effective_strategy, usable_strategy
 from carrier.config import SECRET_NAME
 from carrier.errors import ConfigError
 from carrier.jobs.manager import JobContext, Outcome, Submission
@@ -106,13 +107,16 @@ class _RunnerEngine:
     detachable = True
 
     def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True,
-                 secrets: Callable[[str], str] | None = None, nodes: NodePool | None = None) -> None:
+                 secrets: Callable[[str], str] | None = None, nodes: NodePool | None = None,
+                 strategy: str = DEFAULT_STRATEGY) -> None:
         self.inventory = inventory
         self.ssh = ssh
         self.warm_masters = warm_masters
         #: Named secret -> value (carrier.secretstore.lookup), read when a run starts.
         self.secrets = secrets
         self.nodes = nodes
+        #: ``ansible.strategy`` from carrier.yml; each job's own is in its spec (``_strategy``).
+        self.strategy = check_strategy(strategy)
 
     def _placed(self, spec: dict[str, Any], hosts: Sequence[str]) -> dict[str, Any]:
         """``spec`` with the execution node serving all of ``hosts``, when one does."""
@@ -150,8 +154,24 @@ class _RunnerEngine:
             with ThreadPoolExecutor(min(16, len(conns)), thread_name_prefix="carrier-warm") as pool:
                 list(pool.map(warm, conns))
 
-    def _env(self, run_dir: Path, forks: int) -> dict[str, str]:
-        return ar.ansible_env(ssh_env=self.ssh.ansible_env(), local_temp=run_dir / "tmp", forks=forks)
+    def _env(self, run_dir: Path, forks: int, strategy: str) -> dict[str, str]:
+        return ar.ansible_env(ssh_env=self.ssh.ansible_env(), local_temp=run_dir / "tmp", forks=forks,
+                              strategy=strategy)
+
+    def _strategy(self, job: JobRecord) -> str:
+        """The job's strategy: the one chosen when it was queued (``_with_strategy``; a job queued
+        before there was one: the setting), with the same fallbacks applied again."""
+        spec = job.spec
+        return effective_strategy(spec.get("strategy") or self.strategy, module=spec.get("module"),
+                                  needs_become_password=bool(spec.get("become_secret")),
+                                  on_node=bool(spec.get("node")))
+
+    def _with_strategy(self, spec: dict[str, Any], catalog: str | None = None) -> dict[str, Any]:
+        """``spec`` (already placed on its node, ``_placed``) with the strategy its run uses."""
+        chosen = effective_strategy(self.strategy, catalog, module=spec.get("module"),
+                                    needs_become_password=bool(spec.get("become_secret")),
+                                    on_node=bool(spec.get("node")))
+        return {**spec, "strategy": usable_strategy(chosen)}
 
     def _runspec(self, ctx: JobContext) -> ar.RunSpec:
         raise NotImplementedError
@@ -192,7 +212,8 @@ class _RunnerEngine:
         worker = ar.start_worker(ctx.run_dir, spec, become_password=password)
         del password
         ctx.set_process(worker.pid, worker.start)
-        ctx.emit("runner.started", {"pid": worker.pid, **({"node": node.name} if node else {})})
+        ctx.emit("runner.started", {"pid": worker.pid, "strategy": self._strategy(ctx.job),
+                                    **({"node": node.name} if node else {})})
         return self._supervise(ctx, worker)
 
     def _before_start(self, ctx: JobContext) -> Outcome | None:
@@ -356,7 +377,8 @@ class PlaybookEngine(_RunnerEngine):
             "controller": controller,
             "become_secret": _secret_name(request),
         }
-        return Submission(target=limit, spec=self._placed(spec, hosts), hosts=tuple(hosts))
+        return Submission(target=limit, spec=self._with_strategy(self._placed(spec, hosts), info.strategy),
+                          hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"playbook {job.spec.get('playbook', '?')}"
@@ -391,7 +413,7 @@ class PlaybookEngine(_RunnerEngine):
             diff=bool(spec.get("diff")),
             forks=forks,
             timeout=int(spec["timeout"]),
-            env=self._env(ctx.run_dir, forks),
+            env=self._env(ctx.run_dir, forks, self._strategy(ctx.job)),
         )
 
 
@@ -447,7 +469,8 @@ class AdhocEngine(_RunnerEngine):
             "shell": shell,
             "become_secret": _secret_name(request),
         }
-        return Submission(target=pattern, spec=self._placed(spec, hosts), hosts=tuple(hosts))
+        return Submission(target=pattern, spec=self._with_strategy(self._placed(spec, hosts)),
+                          hosts=tuple(hosts))
 
     def _what(self, job: JobRecord) -> str:
         return f"module {job.spec.get('module', '?')}"
@@ -464,7 +487,7 @@ class AdhocEngine(_RunnerEngine):
             check=bool(spec.get("check")),
             forks=forks,
             timeout=int(spec["timeout"]),
-            env=self._env(ctx.run_dir, forks),
+            env=self._env(ctx.run_dir, forks, self._strategy(ctx.job)),
         )
 
 

@@ -31,14 +31,15 @@ from carrier.ansible.catalog import Catalog
 from carrier.ansible.inventory import Inventory
 from carrier.ansible.runner import ansible_env
 from carrier.ansible.ssh import SshControl
+from carrier.ansible.strategy import DEFAULT_STRATEGY
 from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
 from carrier.jobs.manager import Manager
 from carrier.sandbox.layout import HOSTS
 from carrier.sandbox.manager import Sandbox
 from carrier.store import Store
 
-PORT_OFFSET = 1500
-RUNS = 5  # timed runs per side, after one warm-up each
+PORT_OFFSET = 1500 + int(os.environ.get("CARRIER_TEST_PORT_OFFSET", "0"))
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))  # timed runs per side, after one warm-up each
 CONCURRENT = 20
 TARGET = 0.4
 PLAY = """\
@@ -60,6 +61,32 @@ PLAY = """\
         state: file
       register: tmp
 """
+TWENTY = "- name: Twenty tasks\n  hosts: all\n  gather_facts: false\n  tasks:\n" + "".join(
+    f"    - name: Task {i}\n      ansible.builtin.command: echo {i}\n" for i in range(1, 21))
+PLAYS = {"five": PLAY, "twenty": TWENTY}
+#: Bare ``ansible-playbook`` variants with Carrier's environment (strategy differs).
+TUNED = ("linear", "free", "mitogen")
+#: Why ``ansible.strategy`` defaults to what it does (carrier.ansible.strategy.DEFAULT_STRATEGY):
+#: the measurement below and the integration runs with it as the default. Update both together.
+DEFAULT_CHOICE = (
+    "**The default, `ansible.strategy: mitogen`**, chosen by this measurement (the fastest setting on"
+    " both plays, and the only one whose gain grows with the number of tasks) and by the integration "
+    "tests passing with it as the default (2026-12-07, 176 tests in four batches on this machine: "
+    "test_ansible_engine, test_ansible_strategy, test_jobs_ansible, test_jobs_cli, test_cli, "
+    "test_approvals, test_secrets_become, test_nodes, test_controller_refused, test_mcp_ops, "
+    "test_mcp_http, test_mcp_http_remote, test_mcp_http_inspector, test_ops_matrix, "
+    "test_remote_token, test_email_door, test_command_policy, test_schedule_doors, "
+    "test_schedule_mail, test_enrollment_by_mail: events, recap, check/diff, become, cancel, timeout,"
+    " unreachable hosts, unknown host keys, restart re-attach, execution nodes, approvals, playbooks "
+    "by signed mail and by schedule; all passed, none changed for it). Runs Carrier keeps on `linear`"
+    " whatever the setting: jobs on an execution node (the node's ansible-runner has no Mitogen), "
+    "runs of a role with a `become_secret` (the password stays on Ansible's own become path) and ad-"
+    "hoc `raw` (Mitogen needs Python on the host). Left for the other levers of issue 16: what "
+    "remains of the 5-task play is mostly `ansible-playbook`'s own start-up (imports, plugin loading,"
+    " inventory) on the controller, which no strategy changes."
+)
+#: The row of Carrier's default strategy (``ansible.strategy``'s default).
+CARRIER_DEFAULT = f"Carrier, {DEFAULT_STRATEGY}"
 PING = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n"
 
 
@@ -84,7 +111,8 @@ def _accepted(box: Sandbox) -> dict[str, int]:
     }
 
 
-def _baseline(inventory: Path, playbooks: Path, home: Path, tuned: dict[str, str] | None = None) -> float:
+def _baseline(inventory: Path, playbooks: Path, home: Path, tuned: dict[str, str] | None = None,
+              play: str = "five") -> float:
     """``ansible-playbook`` with Ansible's defaults, or (``tuned``) with Carrier's environment."""
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
            "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_NOCOLOR": "1",
@@ -93,7 +121,7 @@ def _baseline(inventory: Path, playbooks: Path, home: Path, tuned: dict[str, str
         env = {**tuned, "HOME": str(home)}
     binary = Path(sys.executable).with_name("ansible-playbook")
     started = time.perf_counter()
-    done = subprocess.run([str(binary), "-i", str(inventory), str(playbooks / "five.yml")],
+    done = subprocess.run([str(binary), "-i", str(inventory), str(playbooks / f"{play}.yml")],
                           capture_output=True, text=True, env=env, cwd=str(home), timeout=300, check=False)
     took = time.perf_counter() - started
     if done.returncode != 0:
@@ -101,9 +129,9 @@ def _baseline(inventory: Path, playbooks: Path, home: Path, tuned: dict[str, str
     return took
 
 
-def _carrier(manager: Manager) -> float:
+def _carrier(manager: Manager, play: str = "five") -> float:
     started = time.perf_counter()
-    view = manager.wait(manager.run_playbook("five", owner="bench", door="cli").id, 300)
+    view = manager.wait(manager.run_playbook(play, owner="bench", door="cli").id, 300)
     took = time.perf_counter() - started
     if view.status != "succeeded":
         raise RuntimeError(f"Carrier run failed: {view.message}")
@@ -119,7 +147,12 @@ def main() -> str:
     home.mkdir()
     playbooks = root / "playbooks"
     playbooks.mkdir()
-    (playbooks / "five.yml").write_text(textwrap.dedent(PLAY))
+    for name, text in PLAYS.items():
+        (playbooks / f"{name}.yml").write_text(textwrap.dedent(text))
+        (playbooks / f"{name}_linear.yml").write_text(textwrap.dedent(text))
+        (playbooks / f"{name}_linear.meta.yml").write_text("strategy: linear\n")
+        (playbooks / f"{name}_mitogen.yml").write_text(textwrap.dedent(text))
+        (playbooks / f"{name}_mitogen.meta.yml").write_text("strategy: mitogen\n")
     (playbooks / "ping.yml").write_text(PING)
     control: SshControl | None = None
     try:
@@ -132,21 +165,27 @@ def main() -> str:
         engines = [PlaybookEngine(inventory, control, catalog), AdhocEngine(inventory, control),
                    ExecEngine(inventory, control)]
 
-        # --- 5-task play, alternating, warm-up first
+        # --- 5- and 20-task plays, every variant alternating, warm-up first
         manager = Manager(store, state, engines=engines, poll=0.05).start()
-        tuned_env = ansible_env(ssh_env=control.ansible_env(), local_temp=home / "tuned-tmp", forks=10)
-        ours: list[float] = []
-        theirs: list[float] = []
-        tuned: list[float] = []
+        envs = {name: ansible_env(ssh_env=control.ansible_env(), local_temp=home / "tuned-tmp", forks=10,
+                                  strategy=name) for name in TUNED}
+        times: dict[tuple[str, str], list[float]] = {}
+        bench_started = time.perf_counter()
         try:
-            _carrier(manager)
-            _baseline(inventory_dir, playbooks, home)
-            for _ in range(RUNS):
-                theirs.append(_baseline(inventory_dir, playbooks, home))
-                tuned.append(_baseline(inventory_dir, playbooks, home, tuned_env))
-                ours.append(_carrier(manager))
+            for play in PLAYS:
+                sides = {"defaults": lambda p=play: _baseline(inventory_dir, playbooks, home, play=p),
+                         **{f"bare {n}": lambda p=play, e=envs[n]: _baseline(inventory_dir, playbooks, home,
+                                                                             e, play=p) for n in TUNED},
+                         "Carrier, linear": lambda p=play: _carrier(manager, f"{p}_linear"),
+                         "Carrier, mitogen": lambda p=play: _carrier(manager, f"{p}_mitogen")}
+                for run in range(RUNS + 1):
+                    for side, call in sides.items():
+                        took = call()
+                        if run:  # the first round is the warm-up
+                            times.setdefault((play, side), []).append(took)
         finally:
             manager.close()
+        bench_took = time.perf_counter() - bench_started
         control.close_all()
         _kill_ansible_masters(home)
         warm_phase_masters = dict(control.started)
@@ -180,28 +219,42 @@ def main() -> str:
         box.destroy()
         shutil.rmtree(root, ignore_errors=True)
 
-    ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
-    tuned_med = statistics.median(tuned)
-    ratio = ours_med / theirs_med
+    med = {key: statistics.median(values) for key, values in times.items()}
+    ratio = med[("five", CARRIER_DEFAULT)] / med[("five", "defaults")]
     verdict = "meets" if ratio <= TARGET else "misses"
+    overhead = med[("five", CARRIER_DEFAULT)] - med[("five", f"bare {DEFAULT_STRATEGY}")]
+    versus = {play: med[(play, "Carrier, mitogen")] / med[(play, "Carrier, linear")] for play in PLAYS}
     one_each = all(n == 1 for n in logins.values()) and all(started_by_us.get(h) == 1 for h in HOSTS)
+    rows = []
+    for side in ("defaults", *(f"bare {n}" for n in TUNED), "Carrier, linear", "Carrier, mitogen"):
+        cells = []
+        for play in PLAYS:
+            values = times[(play, side)]
+            cells.append(f"{med[(play, side)]:.2f} s ({min(values):.2f}-{max(values):.2f}) | "
+                         f"{med[(play, side)] / med[(play, 'defaults')]:.2f}x")
+        rows.append(f"| {side} | " + " | ".join(cells) + " |")
     return (
-        "### Playbook jobs (issue 3): 5-task play vs ansible-playbook defaults; 20 concurrent jobs\n\n"
-        f"5 tasks (command, stat, shell, ping, tempfile) on web1, web2, db1; {RUNS} alternating runs "
-        f"per side after one warm-up each, median (min-max). Target ≤ {TARGET}x: {verdict} it.\n\n"
-        "| what | Carrier job | baseline `ansible-playbook` (defaults: ControlPersist 60s, no pipelining, "
-        "forks 5) | ratio (time) |\n|---|---|---|---|\n"
-        f"| 5-task play, wall time | {ours_med:.2f} s ({min(ours):.2f}-{max(ours):.2f}) | "
-        f"{theirs_med:.2f} s ({min(theirs):.2f}-{max(theirs):.2f}) | {ratio:.2f}x |\n"
-        f"| (where it goes) `ansible-playbook` alone with Carrier's settings | {tuned_med:.2f} s "
-        f"({min(tuned):.2f}-{max(tuned):.2f}) | {theirs_med:.2f} s | {tuned_med / theirs_med:.2f}x |\n\n"
-        f"Carrier's job costs {ours_med - tuned_med:+.2f} s over the bare tuned `ansible-playbook` "
-        "(detached worker start, event ingestion, verdict). The rest of the gap to the target is "
-        "Ansible's own work, which no setting removes: its start-up, a fork per task and host on the "
-        "controller and a fresh Python per task on the host, all on the same 2 cores here (the sandbox "
-        "hosts are this machine), so saved round trips are a small share.\n\n"
-        f"Carrier's side: pipelining on, warm ControlPersist masters (pre-started per host), forks ≥ hosts, "
-        "events tailed into SQLite; the job includes the detached worker's start.\n\n"
+        "### Playbook jobs (issue 3, 16): 5- and 20-task plays vs ansible-playbook defaults; 20 concurrent "
+        "jobs\n\n"
+        f"On web1, web2, db1; 5 tasks (command, stat, shell, ping, tempfile) and 20 `command` tasks. "
+        f"Every variant in turn, {RUNS} timed rounds after one warm-up round, median (min-max); "
+        f"{bench_took:.0f} s in all. Target: Carrier's default ({DEFAULT_STRATEGY}) ≤ {TARGET}x of "
+        "defaults on the 5-task play: "
+        f"{verdict} it ({ratio:.2f}x).\n\n"
+        "| what | 5-task play | ratio | 20-task play | ratio |\n|---|---|---|---|---|\n"
+        + "\n".join(rows) + "\n\n"
+        "defaults = `ansible-playbook` with ansible-core's defaults (ControlPersist 60s, no pipelining, "
+        "forks 5, linear). bare X = `ansible-playbook` with Carrier's environment (pipelining, its warm "
+        "ControlPath masters, forks 10) and strategy X. Carrier = the whole job: submit, detached "
+        "ansible-runner worker, events into SQLite, verdict; the strategy by the playbook's catalog "
+        "`strategy:`. mitogen = Mitogen for Ansible's `mitogen_linear` (one Python per host "
+        "per run). The sandbox hosts are this machine: controller and hosts share the same 2 cores "
+        "(and other work on it runs alongside: compare rows of one run, not runs).\n\n"
+        f"Mitogen against linear, both as Carrier jobs: {versus['five']:.2f}x on the 5-task play, "
+        f"{versus['twenty']:.2f}x on the 20-task play. Carrier's job adds {overhead:+.2f} s to the bare "
+        f"`ansible-playbook` with the same strategy ({DEFAULT_STRATEGY}) on the 5-task play (detached "
+        "worker start, event ingestion, verdict).\n\n"
+        f"{DEFAULT_CHOICE}\n\n"
         f"{CONCURRENT} concurrent jobs ({CONCURRENT // 2} ping playbooks + {CONCURRENT // 2} exec, each on "
         f"all 3 hosts, limits {CONCURRENT}/{CONCURRENT}) from cold: {succeeded}/{CONCURRENT} succeeded in "
         f"{wall:.1f} s wall ({busy:.1f} s of job time, {busy / wall:.1f}x overlap). ssh logins per host "
