@@ -72,7 +72,7 @@ DEFAULT_CHOICE = (
     "**The default, `ansible.strategy: mitogen`**, chosen by this measurement (the fastest setting on"
     " both plays, and the only one whose gain grows with the number of tasks) and by the integration "
     "tests passing with it as the default (2026-12-07, 176 tests in four batches on this machine: "
-    "test_ansible_engine, test_ansible_strategy, test_jobs_ansible, test_jobs_cli, test_cli, "
+    "test_ansible_engine, test_ansible_strategy_runs, test_jobs_ansible, test_jobs_cli, test_cli, "
     "test_approvals, test_secrets_become, test_nodes, test_controller_refused, test_mcp_ops, "
     "test_mcp_http, test_mcp_http_remote, test_mcp_http_inspector, test_ops_matrix, "
     "test_remote_token, test_email_door, test_command_policy, test_schedule_doors, "
