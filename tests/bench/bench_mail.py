@@ -124,6 +124,16 @@ def _install_mces() -> tuple[Path | None, str]:
     return (exe, "") if exe.exists() else (None, f"{exe} missing after pip install")
 
 
+def _mces_version() -> str:
+    """The installed mcp-email-server version (its API changes between releases)."""
+    probe = subprocess.run(
+        [str(MCES_VENV / "bin" / "python"), "-c",
+         "import importlib.metadata as m; print(m.version('mcp-email-server'))"],
+        capture_output=True, text=True, timeout=60,
+    )
+    return probe.stdout.strip() or "unknown version"
+
+
 def _mces_params(exe: Path, box: Sandbox, home: Path) -> StdioServerParameters:
     layout = box.layout
     env = {
@@ -428,7 +438,9 @@ async def _bench_keeping(
     return results
 
 
-def _render(results: dict[str, dict[str, Series]], memory: dict[str, str], note: str, fill_s: float) -> str:
+def _render(
+    results: dict[str, dict[str, Series]], memory: dict[str, str], note: str, fill_s: float, version: str
+) -> str:
     what = {
         "list": "50 newest (`mail_inbox_list` / `list_emails_metadata`)",
         "read": "read one message (`mail_inbox_read` / `get_emails_content`)",
@@ -456,7 +468,9 @@ def _render(results: dict[str, dict[str, Series]], memory: dict[str, str], note:
         "the same INBOX (disjoint UIDs, same messages' shapes), so both see the same mailbox state; "
         "each forward goes through the sandbox SMTP submission port to one address and saves a Sent "
         "copy (both servers do), each side forwarding its own messages. No imapclient floor for forward "
-        "(it is SMTP).",
+        "(it is SMTP). mcp-email-server reports some forwards/moves as succeeded with \"reconciliation "
+        "needed\" (its local metadata index could not be invalidated); those count as done when every "
+        "IMAP/SMTP effect it lists succeeded.",
         "",
         "| operation | Carrier median (p90) | mcp-email-server median (p90) | ratio | imapclient median |",
         "|---|---|---|---|---|",
@@ -472,6 +486,8 @@ def _render(results: dict[str, dict[str, Series]], memory: dict[str, str], note:
             f"| {label} | {carrier.median_ms:.1f} ms ({carrier.p90_ms:.1f}) | {other_text} | {ratio} "
             f"| {f'{floor.median_ms:.1f} ms' if floor else 'n/a'} |"
         )
+    if version:
+        lines += ["", f"mcp-email-server {version}."]
     lines += ["", "Peak memory of the server process reading a 19.6 MB message (14.5 MB attachment):", ""]
     lines += [f"- {name}: {text}" for name, text in memory.items()] or ["- not measured"]
     if note:
@@ -505,7 +521,7 @@ def main() -> str:
             results, memory = anyio.run(_bench, carrier, mces, raw)
         finally:
             raw.logout()
-        return _render(results, memory, note, fill_s)
+        return _render(results, memory, note, fill_s, _mces_version() if exe else "")
     finally:
         box.destroy()
         shutil.rmtree(root, ignore_errors=True)
