@@ -467,10 +467,11 @@ def _render(
         f"(its default moves to Trash). Each side moves/deletes its own fresh {BATCH}-UID blocks of "
         "the same INBOX (disjoint UIDs, same messages' shapes), so both see the same mailbox state; "
         "each forward goes through the sandbox SMTP submission port to one address and saves a Sent "
-        "copy (both servers do), each side forwarding its own messages. No imapclient floor for forward "
-        "(it is SMTP). mcp-email-server reports some forwards/moves as succeeded with \"reconciliation "
-        "needed\" (its local metadata index could not be invalidated); those count as done when every "
-        "IMAP/SMTP effect it lists succeeded.",
+        "copy (both servers do), each side forwarding its own messages; Carrier's forward also "
+        "sets $Forwarded on the original (one more IMAP SELECT + STORE the peer does not make). No "
+        "imapclient floor for forward (it is SMTP). mcp-email-server reports some forwards/moves as "
+        "succeeded with \"reconciliation needed\" (its local metadata index could not be "
+        "invalidated); those count as done when every IMAP/SMTP effect it lists succeeded.",
         "",
         "| operation | Carrier median (p90) | mcp-email-server median (p90) | ratio | imapclient median |",
         "|---|---|---|---|---|",
