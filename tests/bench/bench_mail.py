@@ -1,7 +1,10 @@
 """Mail tools benchmark: Carrier's mail_* tools vs the `mcp-email-server` package on one 10,000-message
 Dovecot mailbox, both driven as an MCP client drives them (stdio subprocess, repeated calls, so
 connection reuse counts), with raw imapclient on one connection as the floor. Also the peak memory
-of the server process while it reads a message just under the 20 MB cap.
+of the server process while it reads a message just under the 20 MB cap, and the mailbox-keeping
+operations both servers offer (issue 15): forward one message, move a batch of UIDs, delete a batch
+for good. For the batch operations each side works on its own fresh INBOX messages, so both see the
+same mailbox state.
 
 Run: ``python -m tests.bench.bench_mail`` (prints the markdown section); ``main()`` returns it.
 The comparison package is installed into its own venv under /var/tmp (never Carrier's .venv); if
@@ -36,7 +39,8 @@ from carrier.sandbox.manager import Sandbox, dump_yaml
 
 MESSAGES = 10_000
 REPEATS = 20
-PORT_OFFSET = 2500
+PORT_OFFSET = 2500 + int(os.environ.get("CARRIER_TEST_PORT_OFFSET", "0"))
+BATCH = 50  # UIDs per move / delete call
 NEEDLE = "needle"
 MCES_VENV = Path(os.environ.get("CARRIER_BENCH_MCES_VENV", "/var/tmp/carrier-bench-mces"))
 REPO = Path(__file__).resolve().parents[2]
@@ -120,6 +124,16 @@ def _install_mces() -> tuple[Path | None, str]:
     return (exe, "") if exe.exists() else (None, f"{exe} missing after pip install")
 
 
+def _mces_version() -> str:
+    """The installed mcp-email-server version (its API changes between releases)."""
+    probe = subprocess.run(
+        [str(MCES_VENV / "bin" / "python"), "-c",
+         "import importlib.metadata as m; print(m.version('mcp-email-server'))"],
+        capture_output=True, text=True, timeout=60,
+    )
+    return probe.stdout.strip() or "unknown version"
+
+
 def _mces_params(exe: Path, box: Sandbox, home: Path) -> StdioServerParameters:
     layout = box.layout
     env = {
@@ -137,6 +151,7 @@ def _mces_params(exe: Path, box: Sandbox, home: Path) -> StdioServerParameters:
         "MCP_EMAIL_SERVER_SMTP_SSL": "false",
         "MCP_EMAIL_SERVER_SMTP_START_SSL": "true",
         "MCP_EMAIL_SERVER_SMTP_VERIFY_SSL": "false",
+        "MCP_EMAIL_SERVER_ALLOWED_RECIPIENTS": address("ops"),  # the one address the forwards go to
     }
     return StdioServerParameters(command=str(exe), args=["stdio"], env=env, cwd=str(home))
 
@@ -208,6 +223,19 @@ def _checked(result: Any) -> Any:
 
 def _read_uid(i: int) -> int:
     return 9_000 + (i * 37) % 900  # a spread of messages, the same ones for every tool
+
+
+def _batch(side: int, op: int, i: int) -> list[int]:
+    """Fresh INBOX UIDs for call ``i`` of batch operation ``op`` (0 move, 1 delete) on ``side``
+    (0 Carrier, 1 mcp-email-server, 2 imapclient): disjoint blocks of BATCH from UID 1 up, never
+    touched by the list/read/search calls (which use the newest and 9000+)."""
+    block = ((op * 3 + side) * (REPEATS + 1) + i) * BATCH
+    return list(range(block + 1, block + BATCH + 1))
+
+
+def _forward_uid(side: int, i: int) -> int:
+    """The message each side forwards on call ``i``: the same spread, a different block per side."""
+    return 7_001 + side * 200 + i
 
 
 async def _bench(
@@ -319,14 +347,107 @@ async def _bench(
     results["list"]["imapclient"] = await _time(r_list, REPEATS)
     results["read"]["imapclient"] = await _time(r_read, REPEATS)
     results["search"]["imapclient"] = await _time(r_search, REPEATS)
+    results.update(await _bench_keeping(carrier, mces, raw))
     return results, memory
 
 
-def _render(results: dict[str, dict[str, Series]], memory: dict[str, str], note: str, fill_s: float) -> str:
+async def _bench_keeping(
+    carrier: StdioServerParameters, mces: StdioServerParameters | None, raw: IMAPClient
+) -> dict[str, dict[str, Series]]:
+    """Forward / move batch / delete batch, after the read-only figures (they shrink the INBOX)."""
+    results: dict[str, dict[str, Series]] = {"forward": {}, "move": {}, "delete": {}}
+    async with AsyncExitStack() as stack:
+        c = await stack.enter_async_context(Client(carrier))
+        m = await stack.enter_async_context(Client(mces)) if mces else None
+
+        async def c_forward(i: int) -> None:
+            _checked(await c.call_tool("mail_forward", {"uid": _forward_uid(0, i), "to": [address("ops")]}))
+
+        async def c_move(i: int) -> None:
+            done = _checked(await c.call_tool("mail_archive", {"uids": _batch(0, 0, i)}))
+            assert len(done["uids"]) == BATCH
+
+        async def c_delete(i: int) -> None:
+            done = _checked(await c.call_tool("mail_delete", {"uids": _batch(0, 1, i), "expunge": True}))
+            assert len(done["uids"]) == BATCH
+
+        results["forward"]["carrier"] = await _time(c_forward, REPEATS)
+        results["move"]["carrier"] = await _time(c_move, REPEATS)
+        results["delete"]["carrier"] = await _time(c_delete, REPEATS)
+
+        if m is not None:
+
+            def m_ok(result: Any, word: str) -> None:
+                """Clean success, or every effect succeeded and only its local metadata cache asks
+                for "reconciliation" (it could not invalidate its index; IMAP/SMTP are done)."""
+                text = result.content[0].text if result.content else ""
+                effects_done = (
+                    "succeeded" in text and "failed" not in text and "unknown" not in text
+                    and "reconciliation needed" in text
+                )
+                if result.is_error or not (text.startswith(word) or effects_done):
+                    raise RuntimeError(f"mcp-email-server call failed: {text[:300]}")
+
+            async def m_forward(i: int) -> None:
+                m_ok(
+                    await m.call_tool(
+                        "forward_email",
+                        {"account_name": "carrier", "email_id": str(_forward_uid(1, i)),
+                         "recipients": [address("ops")]},
+                    ),
+                    "Email forwarded successfully",
+                )
+
+            async def m_move(i: int) -> None:
+                m_ok(
+                    await m.call_tool(
+                        "move_emails",
+                        {"account_name": "carrier", "email_ids": [str(u) for u in _batch(1, 0, i)],
+                         "destination_mailbox": "Archive"},
+                    ),
+                    f"Successfully moved {BATCH}",
+                )
+
+            async def m_delete(i: int) -> None:
+                m_ok(
+                    await m.call_tool(
+                        "delete_emails",
+                        {"account_name": "carrier", "email_ids": [str(u) for u in _batch(1, 1, i)]},
+                    ),
+                    f"Successfully deleted {BATCH}",
+                )
+
+            results["forward"]["mcp-email-server"] = await _time(m_forward, REPEATS)
+            results["move"]["mcp-email-server"] = await _time(m_move, REPEATS)
+            results["delete"]["mcp-email-server"] = await _time(m_delete, REPEATS)
+
+    raw.select_folder("INBOX")
+
+    async def r_move(i: int) -> None:
+        raw.noop()
+        raw.move(_batch(2, 0, i), "Archive")
+
+    async def r_delete(i: int) -> None:
+        raw.noop()
+        uids = _batch(2, 1, i)
+        raw.delete_messages(uids)
+        raw.uid_expunge(uids)
+
+    results["move"]["imapclient"] = await _time(r_move, REPEATS)
+    results["delete"]["imapclient"] = await _time(r_delete, REPEATS)
+    return results
+
+
+def _render(
+    results: dict[str, dict[str, Series]], memory: dict[str, str], note: str, fill_s: float, version: str
+) -> str:
     what = {
         "list": "50 newest (`mail_inbox_list` / `list_emails_metadata`)",
         "read": "read one message (`mail_inbox_read` / `get_emails_content`)",
         "search": f"search subject `{NEEDLE}`, 100 hits (`mail_search` / `list_emails_metadata`)",
+        "forward": "forward one message to one address (`mail_forward` / `forward_email`)",
+        "move": f"move {BATCH} UIDs to Archive (`mail_archive` / `move_emails`)",
+        "delete": f"delete {BATCH} UIDs for good (`mail_delete` expunge / `delete_emails`)",
     }
     lines = [
         "### Mail tools (issue 5): Carrier vs mcp-email-server, 10,000-message mailbox",
@@ -338,6 +459,20 @@ def _render(results: dict[str, dict[str, Series]], memory: dict[str, str], note:
         "mcp-email-server. imapclient = the same IMAP commands on one open connection with the folder "
         "kept selected (no MCP, no MIME parsing): the floor.",
         "",
+        "Mailbox-keeping rows (issue 15), run after the read-only ones: mcp-email-server offers all "
+        "three — `forward_email`, `move_emails` (up to 100 UIDs) and `delete_emails` (UID EXPUNGE, for "
+        "good) — so each is compared with Carrier's tool that has the same effect. Carrier's "
+        "`mail_move` takes one UID; its batch move is `mail_archive` (the same IMAP MOVE to the "
+        "\\\\Archive folder), and `mail_delete` with `expunge: true` is the for-good delete "
+        f"(its default moves to Trash). Each side moves/deletes its own fresh {BATCH}-UID blocks of "
+        "the same INBOX (disjoint UIDs, same messages' shapes), so both see the same mailbox state; "
+        "each forward goes through the sandbox SMTP submission port to one address and saves a Sent "
+        "copy (both servers do), each side forwarding its own messages; Carrier's forward also "
+        "sets $Forwarded on the original (one more IMAP SELECT + STORE the peer does not make). No "
+        "imapclient floor for forward (it is SMTP). mcp-email-server reports some forwards/moves as "
+        "succeeded with \"reconciliation needed\" (its local metadata index could not be "
+        "invalidated); those count as done when every IMAP/SMTP effect it lists succeeded.",
+        "",
         "| operation | Carrier median (p90) | mcp-email-server median (p90) | ratio | imapclient median |",
         "|---|---|---|---|---|",
     ]
@@ -345,13 +480,15 @@ def _render(results: dict[str, dict[str, Series]], memory: dict[str, str], note:
         row = results[key]
         carrier = row["carrier"]
         other = row.get("mcp-email-server")
-        floor = row["imapclient"]
+        floor = row.get("imapclient")
         other_text = f"{other.median_ms:.1f} ms ({other.p90_ms:.1f})" if other else "n/a"
         ratio = f"{carrier.median_ms / other.median_ms:.2f}x" if other else "n/a"
         lines.append(
             f"| {label} | {carrier.median_ms:.1f} ms ({carrier.p90_ms:.1f}) | {other_text} | {ratio} "
-            f"| {floor.median_ms:.1f} ms |"
+            f"| {f'{floor.median_ms:.1f} ms' if floor else 'n/a'} |"
         )
+    if version:
+        lines += ["", f"mcp-email-server {version}."]
     lines += ["", "Peak memory of the server process reading a 19.6 MB message (14.5 MB attachment):", ""]
     lines += [f"- {name}: {text}" for name, text in memory.items()] or ["- not measured"]
     if note:
@@ -385,7 +522,7 @@ def main() -> str:
             results, memory = anyio.run(_bench, carrier, mces, raw)
         finally:
             raw.logout()
-        return _render(results, memory, note, fill_s)
+        return _render(results, memory, note, fill_s, _mces_version() if exe else "")
     finally:
         box.destroy()
         shutil.rmtree(root, ignore_errors=True)

@@ -26,6 +26,7 @@ def _load(path: Path) -> object:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while it executes
     spec.loader.exec_module(module)
     return module
 
