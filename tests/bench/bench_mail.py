@@ -468,7 +468,8 @@ def _render(
         "the same INBOX (disjoint UIDs, same messages' shapes), so both see the same mailbox state; "
         "each forward goes through the sandbox SMTP submission port to one address and saves a Sent "
         "copy (both servers do), each side forwarding its own messages; Carrier's forward also "
-        "sets $Forwarded on the original (one more IMAP SELECT + STORE the peer does not make). No "
+        "sets $Forwarded on the original (a STORE on the folder its read left selected, which the "
+        "peer does not make); the <= 0.5x target is for list, read and search. No "
         "imapclient floor for forward (it is SMTP). mcp-email-server reports some forwards/moves as "
         "succeeded with \"reconciliation needed\" (its local metadata index could not be "
         "invalidated); those count as done when every IMAP/SMTP effect it lists succeeded.",
