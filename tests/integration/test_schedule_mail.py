@@ -44,7 +44,9 @@ def schedules(state: Path) -> list[tuple[Any, ...]]:
 def ask(sandbox: Sandbox, people: dict[str, Any], who: str, text: str) -> str:
     """Mail ``text`` signed by ``who`` to carrier@ and return the text of Carrier's one reply."""
     tag = token("sched")
-    send_signed(sandbox, people[who], f"{text}\n", subject=f"schedules {tag}")
+    # The tag below the signature separator keeps each signed text unique: the same text signed by
+    # the same key in the same second is the same signature, which Carrier refuses as a replay.
+    send_signed(sandbox, people[who], f"{text}\n-- \n{tag}\n", subject=f"schedules {tag}")
     (reply,) = wait_replies(sandbox, who, tag, 1)
     return text_of(reply)
 
