@@ -4,35 +4,12 @@ while their mail is processed, and taken over once they run out."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
+from clock_support import FakeClock
 
 from carrier.mail.lease import MAIL_LEASE_RENEW, MAIL_LEASE_TTL, Renewer, owner_alive
 from carrier.store import Store
 from carrier.store import gateway as sql
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock, store_url: str | None) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state", clock=clock, url=store_url)
-    yield s
-    s.close()
-
 
 #: Owners on another machine (another boot id): judged by their lease alone, never by pid.
 REMOTE_A = "4242|another-boot-id/100|aaaaaaaaaaaa"

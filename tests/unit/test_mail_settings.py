@@ -4,10 +4,9 @@ both dialects) and which replies are encrypted or withheld (carrier.mail.crypto,
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from clock_support import FakeClock
 
 from carrier.mail.commands import EXAMPLES, GRAMMAR, CommandError, parse_commands
 from carrier.mail.crypto import wants_encryption, withheld_reason, withheld_sections
@@ -19,24 +18,13 @@ from carrier.store.schema import ENCRYPT_MODES
 T0 = 1_700_000_000.0
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock, store_url: str | None) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state", clock=clock, url=store_url)
-    yield s
-    s.close()
 
 
 # --------------------------------------------------------------------------- the grammar

@@ -4,10 +4,10 @@ reports missed, the store's (schedule, slot) claim, and the policy's ``schedule`
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clock_support import FakeClock
 
 from carrier.auth.policy import SCOPE_OF_ACTION, HostRef, Identity, Request, decide
 from carrier.config import Role
@@ -21,24 +21,13 @@ T0 = 1_700_000_000.0
 DAY = 86_400.0
 
 
-class FakeClock:
-    def __init__(self, start: float = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock, store_url: str | None) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state", clock=clock, url=store_url)
-    yield s
-    s.close()
 
 
 # --------------------------------------------------------------------------- cron
