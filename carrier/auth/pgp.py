@@ -306,12 +306,18 @@ def _verify_pgp_mime(keyring: Keyring, head: Message, body: bytes, expected: str
     signature = payload if isinstance(payload, bytes) else b""
     if b"-----BEGIN PGP SIGNATURE-----" not in signature:
         raise VerificationError("the signature part holds no armored signature", reason="malformed")
-    good = verify_detached(keyring, signed, signature, expected)
-    entity = BytesParser(policy=email.policy.default).parsebytes(signed)
-    text_part = _first_text(entity)
-    text = _decoded_text(text_part) if text_part is not None else ""
-    return VerifiedSignature(good.fingerprint, good.signing_key, good.signed_at, text, signed,
-                             signature_digest(good.fingerprint, good.signed_at, signed), "pgp-mime", signed)
+    return _signed_entity(verify_detached(keyring, signed, signature, expected), signed)
+
+
+def _signed_entity(good: _Good, entity_bytes: bytes, *, encrypted: bool = False) -> VerifiedSignature:
+    """The verdict for a signature over a whole MIME entity (PGP/MIME, or signed and encrypted in one
+    OpenPGP message): the command is the entity's first text part."""
+    entity = BytesParser(policy=email.policy.default).parsebytes(entity_bytes)
+    part = _first_text(entity)
+    text = _decoded_text(part) if part is not None else ""
+    return VerifiedSignature(good.fingerprint, good.signing_key, good.signed_at, text, entity_bytes,
+                             signature_digest(good.fingerprint, good.signed_at, entity_bytes), "pgp-mime",
+                             entity_bytes, encrypted=encrypted)
 
 
 def signature_form(raw: bytes) -> Form | None:
@@ -406,13 +412,7 @@ def _verify_encrypted(keyring: Keyring, head: Message, body: bytes, expected: st
         raise VerificationError(_UNDECRYPTABLE, reason="undecryptable")
     inner = canonical_crlf(data)
     if "NEWSIG" in kinds:  # signed and encrypted in one OpenPGP message (section 6.2)
-        good = judge(result.stderr, result.returncode, expected)
-        entity = BytesParser(policy=email.policy.default).parsebytes(inner)
-        text_part_ = _first_text(entity)
-        text = _decoded_text(text_part_) if text_part_ is not None else ""
-        return VerifiedSignature(good.fingerprint, good.signing_key, good.signed_at, text, inner,
-                                 signature_digest(good.fingerprint, good.signed_at, inner), "pgp-mime",
-                                 inner, encrypted=True)
+        return _signed_entity(judge(result.stderr, result.returncode, expected), inner, encrypted=True)
     try:
         signature = _verify_entity(keyring, inner, expected, outer=False)
     except VerificationError as exc:
