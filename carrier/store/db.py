@@ -95,6 +95,39 @@ def _check_choice(what: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
+class _Filter:
+    """The WHERE clause of a listing, built from fixed column names (never from input) and bound
+    parameters: one place for the filter shape every ``list_*``/``find_*`` query shares."""
+
+    def __init__(self) -> None:
+        self.terms: list[str] = []
+        self.params: list[Any] = []
+
+    def eq(self, column: str, value: object, op: str = "=") -> None:
+        """``column op ?`` when ``value`` is given (None means no filter)."""
+        if value is not None:
+            self.terms.append(f"{column} {op} ?")
+            self.params.append(value)
+
+    def one_of(self, column: str, value: str | Sequence[str] | None, what: str,
+               choices: Sequence[str]) -> bool:
+        """``column IN (...)`` over checked choices; False when an empty set was asked for (no rows)."""
+        if value is None:
+            return True
+        values = (value,) if isinstance(value, str) else tuple(value)
+        for v in values:
+            _check_choice(what, v, choices)
+        if not values:
+            return False
+        self.terms.append(f"{column} IN ({', '.join('?' for _ in values)})")
+        self.params.extend(values)
+        return True
+
+    @property
+    def clause(self) -> str:
+        return f"WHERE {' AND '.join(self.terms)}" if self.terms else ""
+
+
 def _check_text(what: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
@@ -759,28 +792,14 @@ class Store:
     ) -> list[JobRecord]:
         """Jobs matching every given filter, newest first."""
         _check_limit(limit)
-        where: list[str] = []
-        params: list[Any] = []
-        if owner is not None:
-            where.append("owner = ?")
-            params.append(owner)
-        if status is not None:
-            statuses = (status,) if isinstance(status, str) else tuple(status)
-            for s in statuses:
-                _check_choice("job status", s, schema.JOB_STATUSES)
-            if not statuses:
-                return []
-            where.append(f"status IN ({', '.join('?' for _ in statuses)})")
-            params.extend(statuses)
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(_check_choice("job kind", kind, schema.JOB_KINDS))
-        if door is not None:
-            where.append("door = ?")
-            params.append(_check_choice("door", door, schema.DOORS))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"  # noqa: S608
-        rows = self._conn().execute(sql, (*params, limit)).fetchall()
+        f = _Filter()
+        f.eq("owner", owner)
+        if not f.one_of("status", status, "job status", schema.JOB_STATUSES):
+            return []
+        f.eq("kind", None if kind is None else _check_choice("job kind", kind, schema.JOB_KINDS))
+        f.eq("door", None if door is None else _check_choice("door", door, schema.DOORS))
+        sql = f"SELECT * FROM jobs {f.clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"  # noqa: S608
+        rows = self._conn().execute(sql, (*f.params, limit)).fetchall()
         return [_job(r) for r in rows]
 
     # ----------------------------------------------------------------- job events
@@ -1020,25 +1039,13 @@ class Store:
     ) -> list[EnrollmentRecord]:
         """Enrollments matching every given filter, newest first."""
         _check_limit(limit)
-        where: list[str] = []
-        params: list[Any] = []
-        if email is not None:
-            where.append("email = ?")
-            params.append(email)
-        if fingerprint is not None:
-            where.append("fingerprint = ?")
-            params.append(fingerprint)
-        if state is not None:
-            states = (state,) if isinstance(state, str) else tuple(state)
-            for s in states:
-                _check_choice("enrollment state", s, schema.ENROLLMENT_STATES)
-            if not states:
-                return []
-            where.append(f"state IN ({', '.join('?' for _ in states)})")
-            params.extend(states)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT * FROM enrollments {clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"  # noqa: S608
-        rows = self._conn().execute(sql, (*params, limit)).fetchall()
+        f = _Filter()
+        f.eq("email", email)
+        f.eq("fingerprint", fingerprint)
+        if not f.one_of("state", state, "enrollment state", schema.ENROLLMENT_STATES):
+            return []
+        sql = f"SELECT * FROM enrollments {f.clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"  # noqa: S608
+        rows = self._conn().execute(sql, (*f.params, limit)).fetchall()
         return [_enrollment(r) for r in rows]
 
     # ----------------------------------------------------------------- tokens
@@ -1127,21 +1134,13 @@ class Store:
         after it, oldest first (to follow the trail).
         """
         _check_limit(limit)
-        where: list[str] = []
-        params: list[Any] = []
-        if actor is not None:
-            where.append("actor = ?")
-            params.append(actor)
-        if action is not None:
-            where.append("action = ?")
-            params.append(action)
-        if after_id is not None:
-            where.append("id > ?")
-            params.append(int(after_id))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        f = _Filter()
+        f.eq("actor", actor)
+        f.eq("action", action)
+        f.eq("id", None if after_id is None else int(after_id), ">")
         order = "ASC" if after_id is not None else "DESC"
-        sql = f"SELECT * FROM audit {clause} ORDER BY id {order} LIMIT ?"  # noqa: S608 (fixed fragments)
-        rows = self._conn().execute(sql, (*params, limit)).fetchall()
+        sql = f"SELECT * FROM audit {f.clause} ORDER BY id {order} LIMIT ?"  # noqa: S608 (fixed fragments)
+        rows = self._conn().execute(sql, (*f.params, limit)).fetchall()
         return [_audit(r) for r in rows]
 
     # ----------------------------------------------------------------- outbox
