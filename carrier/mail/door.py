@@ -916,10 +916,22 @@ class Notifier:
                                         "with --diff (nothing was changed)", block=preview))
             mails = []
             for to in addresses:
-                body = replies.render_sections(sections)
+                # Each approver's own `settings encrypt`: what the run would change is as private as
+                # a reply to them (an approver who is not replying to anything gets `auto` as plain).
+                who = door.trust.directory.identity(to)
+                how = door.reply_crypto(to, who.fingerprint if who else None, False)
+                shown = sections if not how.withheld else [
+                    Section("", "denied", how.withheld),
+                    Section("", "ok", f"job {held.job_id} waits for {held.needed} approval(s) by role "
+                            f"{held.by_role} until {until}: reply signed with `approve {held.job_id}` "
+                            f"or `deny {held.job_id} <reason>`"),
+                ]
+                body = replies.render_sections(shown)
                 msg_id = f"<approval.{held.job_id}.{key_hash(to)}@{domain}>"
-                thread = Thread(to, subject, None, ())
-                mails.append((to, *door._mail(account, thread, body, message_id=msg_id)))
+                # A subject is never encrypted: it names the job only, not what it would run.
+                private = how.key is not None or how.withheld is not None
+                thread = Thread(to, f"Approval needed: job {held.job_id}" if private else subject, None, ())
+                mails.append((to, *door._mail(account, thread, body, message_id=msg_id, encrypt_to=how.key)))
             with store.transaction():
                 if not approvals.mark_notified(store, held.job_id):
                     continue  # another Carrier process asked them

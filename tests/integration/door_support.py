@@ -22,7 +22,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
-from auth_support import GpgUser, KeyFactory, pgp_mime
+from auth_support import NO_PASSPHRASE, GpgUser, KeyFactory, pgp_mime
 from mail_support import deliver, imap_as, write_secret
 from ruamel.yaml import YAML
 
@@ -306,3 +306,22 @@ def local_door(sandbox: Sandbox, *, proposer: Any = None, **extra: Any) -> Itera
             timeout=30,
         )
         shutil.rmtree(directory, ignore_errors=True)
+
+
+PGP_MESSAGE = b"-----BEGIN PGP MESSAGE-----"
+
+
+def is_encrypted(message: Message) -> bool:
+    """Whether a mail Carrier sent is RFC 3156 encrypted."""
+    return message.get_content_type() == "multipart/encrypted"
+
+
+def opened(user: GpgUser, message: Message) -> Message:
+    """An encrypted mail from Carrier decrypted with the user's own gpg (signed by Carrier inside)."""
+    raw = message.as_bytes()
+    assert is_encrypted(message) and PGP_MESSAGE in raw
+    status = subprocess.run(
+        ["gpg", "--homedir", str(user.home), "--batch", "--status-fd", "2", *NO_PASSPHRASE, "--decrypt"],
+        input=raw[raw.index(PGP_MESSAGE):], capture_output=True, timeout=60, check=True)
+    assert b"DECRYPTION_OKAY" in status.stderr and b"GOODSIG" in status.stderr, status.stderr
+    return email.message_from_bytes(status.stdout, policy=default_policy)

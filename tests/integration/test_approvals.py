@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from door_support import db_rows, identities, replies_for, send_signed, serving, text_of, wait_replies
+from door_support import (
+    db_rows,
+    identities,
+    is_encrypted,
+    opened,
+    replies_for,
+    send_signed,
+    serving,
+    text_of,
+    wait_replies,
+)
 from mail_support import deliver, token
 
 from carrier.sandbox.layout import address
@@ -206,3 +216,37 @@ def test_cli_run_waits_through_the_approval(sandbox: Sandbox, tmp_path: Path) ->
                 cli.wait()
         assert cli.returncode == 0, out + err
         assert "succeeded" in out + err
+
+
+def test_an_approver_with_encrypt_on_gets_the_request_encrypted(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The approval request follows the approver's own `settings encrypt`: encrypted to their key, its
+    subject naming only the job; they decrypt it with their own gpg and approve as usual."""
+    with serving(sandbox, playbook_dirs=[str(_playbooks(tmp_path))]) as (serve, directory), \
+            identities(sandbox) as people:
+        serve.start()
+        state = directory / "state"
+        ops, admin = people["ops"], people["admin"]
+        on_tag = token("admin-encrypt-on")
+        send_signed(sandbox, admin, "settings encrypt on", on_tag)
+        (on,) = wait_replies(sandbox, "admin", on_tag, 1, timeout=120)
+        assert is_encrypted(on)
+
+        tag = token("encrypted-approval")
+        send_signed(sandbox, ops, "run ping_gate on web2", tag)
+        match = _JOB.search(_reply(sandbox, "ops", tag, 1, "waits for approval"))
+        assert match is not None
+        job_id = match.group(1)
+        (asked,) = wait_replies(sandbox, "admin", job_id, 1, timeout=120)
+        assert is_encrypted(asked) and str(asked["Subject"]) == f"Approval needed: job {job_id}"
+        raw = asked.as_bytes()
+        assert b"ping_gate" not in raw and b"web2" not in raw  # nothing of the run in clear
+        inside = text_of(opened(admin, asked))
+        assert "ops@example.test asks to run playbook ping_gate on web2" in inside, inside
+        assert f"approve {job_id}" in inside
+
+        approve_tag = token("approve-encrypted")
+        send_signed(sandbox, admin, f"approve {job_id}", approve_tag)
+        (said,) = wait_replies(sandbox, "admin", approve_tag, 1, timeout=120)
+        assert f"job {job_id} approved" in text_of(opened(admin, said))
+        done = _wait_status(state, job_id, ("succeeded", "failed"))
+        assert done["approval"] == "approved" and done["status"] == "succeeded"

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from email.message import Message
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from auth_support import (
     primary_fingerprint,
     text_entity,
 )
-from door_support import Serve, db_rows, identities, serving, text_of, wait_replies
+from door_support import Serve, db_rows, identities, is_encrypted, opened, serving, text_of, wait_replies
 from mail_support import deliver, token
 
 from carrier.sandbox.layout import address
@@ -84,21 +83,6 @@ def send(sandbox: Sandbox, user: GpgUser, raw: bytes) -> str:
 
 
 # --------------------------------------------------------------------------- what the user reads
-
-
-def is_encrypted(message: Message) -> bool:
-    return message.get_content_type() == "multipart/encrypted"
-
-
-def opened(user: GpgUser, message: Message) -> Message:
-    """An encrypted reply decrypted with the user's own gpg (it is signed by Carrier inside)."""
-    raw = message.as_bytes()
-    assert is_encrypted(message) and PEM in raw
-    status = subprocess.run(
-        ["gpg", "--homedir", str(user.home), "--batch", "--status-fd", "2", *NO_PASSPHRASE, "--decrypt"],
-        input=raw[raw.index(PEM):], capture_output=True, timeout=60, check=True)
-    assert b"DECRYPTION_OKAY" in status.stderr and b"GOODSIG" in status.stderr, status.stderr
-    return email.message_from_bytes(status.stdout, policy=default_policy)
 
 
 @pytest.fixture
