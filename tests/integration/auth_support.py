@@ -295,3 +295,20 @@ def make_world(
     )
     store = Store.open(state, clock=clock or time.time)
     return World(config, store, Trust(config, store), state)
+
+
+def expire_encryption_subkey(user: GpgUser, scratch: Path) -> bytes:
+    """The user's public key with its encryption subkey expired (made in a copy of the
+    user's home, as the user would do it with their own gpg)."""
+    home = copy_home(user.home, scratch, "expired")
+    listing = gpg(home, "--with-colons", "--list-keys", user.fingerprint).decode().splitlines()
+    sub = next(listing[i + 1].split(":")[9] for i, line in enumerate(listing)
+               if line.startswith("sub:") and "e" in line.split(":")[11])
+    # A new binding signature (newer than the one it replaces) that lets the subkey expire in 1 s.
+    gpg(home, *NO_PASSPHRASE, "--quick-set-expire", user.fingerprint, "seconds=1", sub)
+    time.sleep(2)
+    try:
+        return gpg(home, "--armor", "--export", user.fingerprint)
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True,
+                       check=False, timeout=30)

@@ -14,12 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
+from auth_support import copy_home, expire_encryption_subkey, gpg
 from door_support import (
     db_rows,
     identities,
@@ -250,3 +252,43 @@ def test_an_approver_with_encrypt_on_gets_the_request_encrypted(sandbox: Sandbox
         assert f"job {job_id} approved" in text_of(opened(admin, said))
         done = _wait_status(state, job_id, ("succeeded", "failed"))
         assert done["approval"] == "approved" and done["status"] == "succeeded"
+
+
+def test_an_approver_whose_key_cannot_encrypt_gets_the_request_withheld(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    """`encrypt on` but the approver's encryption subkey expired since: the request goes signed only
+    and withholds what would run (job id and how to answer only); the approval still works."""
+    scratch = Path(tempfile.mkdtemp(prefix="capw-", dir="/var/tmp"))
+    home = copy_home(sandbox.layout.gnupg_home("carrier"), scratch)
+    try:
+        with serving(sandbox, playbook_dirs=[str(_playbooks(tmp_path))], gnupg_home=str(home)) as \
+                (serve, directory), identities(sandbox) as people:
+            serve.start()
+            ops, admin = people["ops"], people["admin"]
+            on_tag = token("admin-on")
+            send_signed(sandbox, admin, "settings encrypt on", on_tag)
+            assert is_encrypted(wait_replies(sandbox, "admin", on_tag, 1, timeout=120)[0])
+            assert serve.stop() == 0
+            gpg(home, "--import", data=expire_encryption_subkey(admin, scratch))
+            serve.start()
+
+            tag = token("withheld-approval")
+            send_signed(sandbox, ops, "run ping_gate on web2", tag)
+            match = _JOB.search(_reply(sandbox, "ops", tag, 1, "waits for approval"))
+            assert match is not None
+            job_id = match.group(1)
+            (asked,) = wait_replies(sandbox, "admin", job_id, 1, timeout=120)
+            assert not is_encrypted(asked) and str(asked["Subject"]) == f"Approval needed: job {job_id}"
+            text = text_of(asked)
+            assert "its content is withheld" in text and f"approve {job_id}" in text, text
+            assert "ping_gate" not in text and "web2" not in text and "ops@example.test" not in text
+
+            approve_tag = token("approve-withheld")
+            send_signed(sandbox, admin, f"approve {job_id}", approve_tag)
+            wait_replies(sandbox, "admin", approve_tag, 1, timeout=120)
+            done = _wait_status(directory / "state", job_id, ("succeeded", "failed"))
+            assert done["approval"] == "approved" and done["status"] == "succeeded"
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True,
+                       check=False, timeout=30)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import email
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -24,6 +23,7 @@ from auth_support import (
     NO_PASSPHRASE,
     GpgUser,
     copy_home,
+    expire_encryption_subkey,
     gpg,
     headers_block,
     pgp_mime,
@@ -249,23 +249,6 @@ def test_undecryptable_mail_gets_a_clear_answer(sandbox: Sandbox, served: tuple[
     assert serve.proc is not None and serve.proc.poll() is None
 
 
-def _expire_encryption_subkey(user: GpgUser, scratch: Path) -> bytes:
-    """The user's public key with its encryption subkey expired (made in a copy of the
-    user's home, as the user would do it with their own gpg)."""
-    home = copy_home(user.home, scratch, "expired")
-    listing = gpg(home, "--with-colons", "--list-keys", user.fingerprint).decode().splitlines()
-    sub = next(listing[i + 1].split(":")[9] for i, line in enumerate(listing)
-               if line.startswith("sub:") and "e" in line.split(":")[11])
-    # A new binding signature (newer than the one it replaces) that lets the subkey expire in 1 s.
-    gpg(home, *NO_PASSPHRASE, "--quick-set-expire", user.fingerprint, "seconds=1", sub)
-    time.sleep(2)
-    try:
-        return gpg(home, "--armor", "--export", user.fingerprint)
-    finally:
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True,
-                       check=False, timeout=30)
-
-
 def test_encrypt_always_with_a_key_that_cannot_encrypt_withholds_the_reply(
         sandbox: Sandbox, served: tuple[Serve, Path, Path]) -> None:
     serve, directory, carrier_key = served
@@ -277,7 +260,7 @@ def test_encrypt_always_with_a_key_that_cannot_encrypt_withholds_the_reply(
 
         # The user's encryption subkey expires; Carrier learns the new key (restart: a fresh keyring view).
         assert serve.stop() == 0
-        expired = _expire_encryption_subkey(ops, carrier_key.parent)
+        expired = expire_encryption_subkey(ops, carrier_key.parent)
         gpg(carrier_key.parent / "carrier", "--import", data=expired)
         serve.start()
 
