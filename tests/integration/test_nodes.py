@@ -8,15 +8,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ansible_support import (
     BUNDLED,
-    REPO,
+    carrier_cli,
     processes_with_env,
     short_tmpdir,
     until,
@@ -212,12 +210,6 @@ def test_a_node_that_dies_mid_run_ends_the_job_clearly(sandbox: Sandbox, system:
         hosts.start()
 
 
-def _carrier(*args: str) -> subprocess.CompletedProcess[str]:
-    """The ``carrier`` CLI as a process, from this tree."""
-    return subprocess.run([sys.executable, "-m", "carrier", *args], capture_output=True, text=True,
-                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def _descendants(pid: int) -> list[int]:
     out = []
     for child in procs.child_pids(pid):
@@ -268,7 +260,7 @@ def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: J
                                        extra_vars={"seconds": 60})
     try:
         until(lambda: system.manager.get(view.id).status == "running", 60, "the job running")
-        done = _carrier("nodes", "--config", str(config))
+        done = carrier_cli("nodes", "--config", str(config))
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         exec1 = next(line for line in lines if line.startswith("exec1 "))
@@ -277,7 +269,7 @@ def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: J
         assert f"    {view.id}" in lines
         gone = next(line for line in lines if line.startswith("gone "))
         assert " DOWN " in gone and "node gone" not in gone and "127.0.0.14" in gone, gone
-        as_json = _carrier("nodes", "--config", str(config), "--json")
+        as_json = carrier_cli("nodes", "--config", str(config), "--json")
         listed = {n["name"]: n for n in json.loads(as_json.stdout)}
         assert listed["exec1"]["healthy"] is True and listed["exec1"]["running"] == [view.id]
         assert listed["gone"]["healthy"] is False and listed["gone"]["running"] == []
@@ -293,7 +285,7 @@ def test_an_unknown_group_stops_carrier_nodes_with_a_clear_error(sandbox: Sandbo
     data["execution_nodes"] = [{"name": "exec1", "target": "db1", "groups": ["webz"]}]
     with open(config, "w") as fh:
         YAML().dump(data, fh)
-    done = _carrier("nodes", "--config", str(config))
+    done = carrier_cli("nodes", "--config", str(config))
     assert done.returncode == 1
     assert "execution_nodes[0] (exec1).groups: no inventory group 'webz'" in done.stderr, done.stderr
 
