@@ -4,6 +4,7 @@ plays for the ``web`` group through transmit / worker / process over Carrier's s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -323,3 +324,35 @@ def test_a_node_run_survives_a_carrier_restart(system: JobSystem, workdir: Path)
     counters = [e.data["counter"] for e in events if e.type.startswith("ansible.")]
     assert counters == list(range(1, len(counters) + 1))  # none lost, none twice across the restart
     assert not Path(_base(view.id)).exists()
+
+
+def test_a_job_ending_on_a_node_leaves_the_shared_master_to_the_jobs_still_there(system: JobSystem,
+                                                                                 workdir: Path) -> None:
+    """Two jobs on one node share Carrier's ssh master to it; the first job's worker starts that
+    master, and its end (which stops every process of that run) must not take the master, and the
+    second job's stream with it, along. (``system`` first: it writes the inventory.)"""
+    state = workdir / "state-shared"
+    inventory = workdir / "inventory"
+    node = dataclasses.replace(NODE, capacity=2)
+    js = assemble_job_system(Store.open(state), state, inventory, [_books(workdir)], poll=0.05,
+                             execution_nodes=[node], max_jobs=4, max_jobs_per_host=4)
+    js.manager.start()
+    try:
+        conn = js.nodes.nodes[0].conn
+        assert not js.ssh.master_alive(conn)  # a new state dir: the first job's worker starts it
+        first = js.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web1",
+                                        extra_vars={"seconds": 8})
+        until(lambda: any("Sleep" in t for t in _texts(js, first.id)), 120, "the first job's sleep")
+        second = js.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web2",
+                                         extra_vars={"seconds": 12})
+        until(lambda: any("Sleep" in t for t in _texts(js, second.id)), 120, "the second job's sleep")
+        assert not js.manager.get(first.id).done, "the first job ended before the second was under way"
+        done = js.manager.wait(first.id, 120)
+        assert (done.status, done.reason) == ("succeeded", "ok"), done.message
+        assert js.ssh.master_alive(conn)
+        done = js.manager.wait(second.id, 120)
+        assert (done.status, done.reason) == ("succeeded", "ok"), done.message
+    finally:
+        js.manager.close()
+        js.ssh.close_all()
+        js.manager.store.close()
