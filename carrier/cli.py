@@ -96,7 +96,7 @@ def serve(config_path: Path | None) -> None:
 
 @main.group()
 def sandbox() -> None:
-    """The loopback sandbox: Dovecot, SMTP, three sshd hosts, GnuPG homes, a keyserver."""
+    """The loopback sandbox: Dovecot, SMTP, sshd hosts (and execution nodes), GnuPG homes, a keyserver."""
 
 
 sandbox_dir_option = click.option(
@@ -116,12 +116,18 @@ sandbox_dir_option = click.option(
 @click.option("--with-postgres", is_flag=True,
               help="Also run a PostgreSQL cluster on the loopback and point carrier.yml's store.url at "
                    "it (kept on by later ups until the sandbox is destroyed).")
+@click.option("--exec-nodes", "exec_nodes", type=int, default=None, metavar="N",
+              help="Also run N execution nodes (sshd hosts exec1.. on 127.0.0.21.., with Debian's "
+                   "ansible-runner) serving the web and db groups in carrier.yml; 0 removes them. "
+                   "Default: as many as the sandbox has (0 for a new one).")
 @friendly
-def sandbox_up(root: Path | None, port_offset: int | None, with_postgres: bool) -> None:
+def sandbox_up(root: Path | None, port_offset: int | None, with_postgres: bool,
+               exec_nodes: int | None) -> None:
     """Start the sandbox (idempotent) and write carrier.yml and an inventory."""
     from carrier.sandbox.manager import Sandbox, default_root
 
-    box = Sandbox(root or default_root(), port_offset=port_offset, with_postgres=with_postgres)
+    box = Sandbox(root or default_root(), port_offset=port_offset, with_postgres=with_postgres,
+                  exec_nodes=exec_nodes)
     report = box.up()
     click.echo(report.render())
     click.echo(f"\nconfig: {box.layout.config_file}\nnext:   eval \"$(carrier sandbox env"

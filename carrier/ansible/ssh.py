@@ -212,6 +212,15 @@ class MasterInfo:
     detail: str
 
 
+def _master_env() -> dict[str, str]:
+    """Our environment without a run's mark (``carrier.ansible.runner.RUN_MARK_ENV``), for a master:
+    it serves every job on its host, so the end of the run whose worker started it (an execution
+    node run starts its node's master in the worker) must not stop it with the run's stragglers."""
+    from carrier.ansible.runner import RUN_MARK_ENV
+
+    return {name: value for name, value in os.environ.items() if name != RUN_MARK_ENV}
+
+
 def _socket_alive(path: str) -> bool | None:
     """True when a master accepts on ``path``, False when the socket is stale, None when absent."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -330,7 +339,7 @@ class SshControl:
                     done = subprocess.run(
                         [*self._base(host), "-f", "-N", "--", host.address],
                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                        timeout=MASTER_START_TIMEOUT, check=False,
+                        timeout=MASTER_START_TIMEOUT, check=False, env=_master_env(),
                     )
                 except subprocess.TimeoutExpired as exc:
                     raise SshError(

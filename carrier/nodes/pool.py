@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -80,6 +81,7 @@ class NodePool:
     def __init__(self, nodes: Sequence[Node], inventory: Inventory) -> None:
         self.nodes = tuple(nodes)
         self.inventory = inventory
+        self._turns = itertools.count()  # next() is atomic: threads placing jobs share it
 
     @classmethod
     def build(cls, configured: Iterable[ExecutionNode], inventory: Inventory) -> NodePool:
@@ -106,11 +108,15 @@ class NodePool:
         return {host for group in node.groups for host in groups.get(group, ())}
 
     def node_for(self, hosts: Sequence[str]) -> Node | None:
-        """The first node serving every one of ``hosts``; None runs the job on the controller."""
+        """A node serving every one of ``hosts`` (when several do, they take turns, in config order);
+        None runs the job on the controller."""
         if not hosts or not self.nodes:
             return None
         wanted = set(hosts)
-        return next((n for n in self.nodes if wanted <= self.served(n)), None)
+        able = [n for n in self.nodes if wanted <= self.served(n)]
+        if not able:
+            return None
+        return able[next(self._turns) % len(able)] if len(able) > 1 else able[0]
 
     def capacities(self) -> dict[str, int]:
         return {n.name: n.capacity for n in self.nodes}

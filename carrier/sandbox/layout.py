@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from carrier.errors import SandboxError
 
 DOMAIN = "example.test"
 #: Identities with a mailbox and a GnuPG home. ``carrier`` is Carrier's own account.
@@ -12,9 +15,32 @@ IDENTITIES: tuple[str, ...] = ("carrier", "ops", "admin", "newbie")
 #: Inventory hosts: name -> loopback address (each gets its own sshd and host key).
 HOSTS: dict[str, str] = {"web1": "127.0.0.11", "web2": "127.0.0.12", "db1": "127.0.0.13"}
 GROUPS: dict[str, tuple[str, ...]] = {"web": ("web1", "web2"), "db": ("db1",)}
+#: Execution nodes (``carrier sandbox up --exec-nodes N``): ``exec1`` on 127.0.0.21, ``exec2`` on .22...
+#: They are inventory hosts of their own group, not members of ``GROUPS``.
+EXEC_NODE_PREFIX = "exec"
+EXEC_NODE_FIRST = 21
+MAX_EXEC_NODES = 9  # 127.0.0.21-.29
+EXEC_NODE_GROUP = "nodes"
 #: Unix account the sandbox sshd hosts log in as (created when missing; shell /bin/sh).
 LOGIN_USER = "carrier-sbx"
 LOOPBACK = "127.0.0.1"
+
+
+def check_exec_nodes(count: int) -> int:
+    """``count`` when it is a number of execution nodes the sandbox can run; SandboxError otherwise."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_EXEC_NODES:
+        raise SandboxError(
+            f"the number of execution nodes (--exec-nodes) must be a whole number from 0 to "
+            f"{MAX_EXEC_NODES} (the nodes live on 127.0.0.{EXEC_NODE_FIRST}-"
+            f"127.0.0.{EXEC_NODE_FIRST + MAX_EXEC_NODES - 1}), not {count!r}"
+        )
+    return count
+
+
+def exec_node_hosts(count: int) -> dict[str, str]:
+    """Node name -> loopback address for ``count`` execution nodes: ``{"exec1": "127.0.0.21", ...}``."""
+    check_exec_nodes(count)
+    return {f"{EXEC_NODE_PREFIX}{i}": f"127.0.0.{EXEC_NODE_FIRST + i - 1}" for i in range(1, count + 1)}
 
 
 def address(identity: str) -> str:
@@ -48,26 +74,69 @@ class Layout:
 
     root: Path
     ports: Ports = field(default_factory=Ports)
+    #: How many execution nodes (``exec1``..) run beside the inventory hosts.
+    exec_nodes: int = 0
 
-    # --- persisted choice of ports, so status/down/env agree with up ---
+    def __post_init__(self) -> None:
+        check_exec_nodes(self.exec_nodes)
+
+    # --- persisted choice of ports and nodes, so status/down/env agree with up ---
     @property
     def meta_file(self) -> Path:
         return self.root / "sandbox.json"
 
+    def meta(self) -> dict[str, Any]:
+        """What ``sandbox.json`` records."""
+        return {"ports": asdict(self.ports), "exec_nodes": self.exec_nodes}
+
     def save_meta(self) -> None:
-        self.meta_file.write_text(json.dumps({"ports": asdict(self.ports)}, indent=2) + "\n")
+        self.meta_file.write_text(json.dumps(self.meta(), indent=2) + "\n")
+
+    @classmethod
+    def from_meta(cls, root: Path, data: Any) -> Layout:
+        """The layout ``sandbox.json``'s ``data`` describes (one written before a key existed gets that
+        key's default: the ports' offset, no execution nodes); SandboxError when it is not one."""
+        where = root / "sandbox.json"
+        saved = data.get("ports") if isinstance(data, dict) else None
+        if not isinstance(saved, dict) or not isinstance(saved.get("ssh"), int):
+            raise SandboxError(f"{where} is not a sandbox record: run `carrier sandbox down --destroy` "
+                               "and `carrier sandbox up` again")
+        known = set(asdict(Ports()))
+        if not set(saved) <= known or not all(isinstance(v, int) for v in saved.values()):
+            raise SandboxError(f"{where}: unknown or non-numeric ports {sorted(set(saved) - known)}: "
+                               "was it written by a newer Carrier?")
+        offset = saved["ssh"] - Ports().ssh  # a port added since that `up` gets the same offset
+        ports = Ports(**{**asdict(Ports.with_offset(offset)), **saved})
+        nodes = data.get("exec_nodes", 0)
+        try:
+            check_exec_nodes(nodes)
+        except SandboxError as exc:
+            raise SandboxError(f"{where}: exec_nodes: {exc}") from None
+        return cls(root, ports, nodes)
 
     @classmethod
     def load(cls, root: Path, default_offset: int = 0) -> Layout:
-        """The layout of ``root``, with the ports recorded by a previous ``up`` if any."""
+        """The layout of ``root``, with the ports and nodes recorded by a previous ``up`` if any."""
         root = root.resolve()
         meta = root / "sandbox.json"
         if meta.exists():
-            saved = json.loads(meta.read_text())["ports"]
-            offset = saved["ssh"] - Ports().ssh  # a port added since that `up` gets the same offset
-            ports = Ports(**{**asdict(Ports.with_offset(offset)), **saved})
-            return cls(root, ports)
+            try:
+                data = json.loads(meta.read_text())
+            except (OSError, ValueError) as exc:
+                raise SandboxError(f"cannot read {meta} ({exc}): fix or delete it") from None
+            return cls.from_meta(root, data)
         return cls(root, Ports.with_offset(default_offset))
+
+    # --- hosts ---
+    @property
+    def node_hosts(self) -> dict[str, str]:
+        """The execution nodes this sandbox runs: name -> loopback address."""
+        return exec_node_hosts(self.exec_nodes)
+
+    @property
+    def ssh_hosts(self) -> dict[str, str]:
+        """Every sshd host: the inventory hosts (``HOSTS``) and then the execution nodes."""
+        return {**HOSTS, **self.node_hosts}
 
     # --- directories ---
     @property

@@ -24,10 +24,20 @@ from carrier.sandbox import procs
 from carrier.sandbox.dovecot import Dovecot
 from carrier.sandbox.gpg import GpgHomes
 from carrier.sandbox.keyserver import Keyserver
-from carrier.sandbox.layout import GROUPS, HOSTS, IDENTITIES, LOGIN_USER, LOOPBACK, Layout, Ports, address
+from carrier.sandbox.layout import (
+    EXEC_NODE_GROUP,
+    GROUPS,
+    IDENTITIES,
+    LOGIN_USER,
+    LOOPBACK,
+    Layout,
+    Ports,
+    address,
+    check_exec_nodes,
+)
 from carrier.sandbox.postgres import Postgres
 from carrier.sandbox.smtpd import SmtpRelay
-from carrier.sandbox.sshd import SshHosts
+from carrier.sandbox.sshd import NODE_RUNNER, ExecNodes, SshHosts
 from carrier.sandbox.tokenserver import TokenServer
 from carrier.tls import make_self_signed
 
@@ -112,11 +122,17 @@ def port_offset_of(ports: Ports) -> int:
 
 
 def build_inventory(layout: Layout, python: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``hosts.yml`` and ``group_vars/all.yml`` contents for the sandbox hosts."""
+    """``hosts.yml`` and ``group_vars/all.yml`` contents for the sandbox hosts.
+
+    The execution nodes, when there are any, are hosts of their own group (``nodes``): Carrier
+    reaches a node named by an inventory host with that host's key and known_hosts.
+    """
+    addresses = layout.ssh_hosts
+    groups = {**GROUPS, **({EXEC_NODE_GROUP: tuple(layout.node_hosts)} if layout.exec_nodes else {})}
 
     def host_vars(name: str) -> dict[str, Any]:
         return {
-            "ansible_host": HOSTS[name],
+            "ansible_host": addresses[name],
             "ansible_port": layout.ports.ssh,
             "ansible_user": LOGIN_USER,
             "ansible_ssh_private_key_file": str(layout.ssh_client_key),
@@ -126,7 +142,7 @@ def build_inventory(layout: Layout, python: str) -> tuple[dict[str, Any], dict[s
         "all": {
             "children": {
                 group: {"hosts": {name: host_vars(name) for name in members}}
-                for group, members in GROUPS.items()
+                for group, members in groups.items()
             }
         }
     }
@@ -151,8 +167,10 @@ def build_config(
     store = {} if postgres is None else {
         "store": {"url": postgres.url(with_password=False), "password_file": str(postgres.password_file)}
     }
+    nodes = {"execution_nodes": build_nodes(layout)} if layout.exec_nodes else {}
     return {
         **store,
+        **nodes,
         "state_dir": str(layout.carrier_state_dir),
         "inventory": str(layout.inventory_dir),
         "playbook_dirs": [str(p) for p in playbook_dirs],
@@ -190,6 +208,15 @@ def build_config(
         "auth": {"audit_key_file": str(layout.root / "audit.key")},
         # No `limits`: Carrier's documented defaults apply.
     }
+
+
+def build_nodes(layout: Layout) -> list[dict[str, Any]]:
+    """carrier.yml's ``execution_nodes``: each sandbox node serves every inventory group (web, db),
+    so a playbook for those hosts runs on a node (the nodes take turns); capacity: Carrier's default."""
+    return [
+        {"name": name, "target": name, "groups": list(GROUPS), "ansible_runner": NODE_RUNNER}
+        for name in layout.node_hosts
+    ]
 
 
 def env_values(layout: Layout, passwords: Mapping[str, str]) -> dict[str, str]:
@@ -248,9 +275,12 @@ class Sandbox:
     an explicit offset that differs from a stopped sandbox's switches it to the new ports.
     """
 
-    def __init__(self, root: Path, port_offset: int | None = None, *, with_postgres: bool = False) -> None:
+    def __init__(self, root: Path, port_offset: int | None = None, *, with_postgres: bool = False,
+                 exec_nodes: int | None = None) -> None:
         self._requested_offset = port_offset
         self._with_postgres = with_postgres
+        #: None: the nodes this sandbox already has (none for a new one).
+        self._requested_nodes = None if exec_nodes is None else check_exec_nodes(exec_nodes)
         self.layout = Layout.load(root, port_offset or 0)
 
     def postgres(self) -> Postgres | None:
@@ -263,8 +293,9 @@ class Sandbox:
         it), Dovecot before SMTP (SMTP delivers into Dovecot's LMTP)."""
         layout = self.layout
         pg = self.postgres()
+        nodes: list[Component] = [ExecNodes(layout)] if layout.exec_nodes else []
         return [TokenServer(layout), Dovecot(layout), SmtpRelay(layout), Keyserver(layout), SshHosts(layout),
-                *([pg] if pg is not None else [])]
+                *nodes, *([pg] if pg is not None else [])]
 
     def gpg(self) -> GpgHomes:
         return GpgHomes(self.layout)
@@ -278,6 +309,7 @@ class Sandbox:
         for binary in REQUIRED_BINARIES:
             procs.find_binary(binary)
         self._apply_requested_offset()
+        self._apply_requested_nodes()
         root = self.layout.root
         if root.exists() and not root.is_dir():
             raise SandboxError(f"{root} is not a directory: choose another sandbox dir")
@@ -332,7 +364,17 @@ class Sandbox:
                 f"the sandbox in {self.layout.root} runs with port offset {current}: "
                 f"run `carrier sandbox down` first, or use --port-offset {current}"
             )
-        self.layout = Layout(self.layout.root, wanted)
+        self.layout = Layout(self.layout.root, wanted, self.layout.exec_nodes)
+
+    def _apply_requested_nodes(self) -> None:
+        """Switch to the requested number of nodes; nodes dropped from a running sandbox are stopped."""
+        wanted = self._requested_nodes
+        if wanted is None or wanted == self.layout.exec_nodes:
+            return
+        old = ExecNodes(self.layout)
+        old.stop_only([name for name in old.hosts if name not in Layout(self.layout.root, exec_nodes=wanted)
+                       .node_hosts])
+        self.layout = Layout(self.layout.root, self.layout.ports, wanted)
 
     def _write_passwords(self) -> None:
         secrets_dir = self.layout.secrets_dir

@@ -1,8 +1,14 @@
-"""OpenSSH hosts for the sandbox: one ``sshd`` per inventory host, each on its own loopback address.
+"""OpenSSH hosts for the sandbox: one ``sshd`` per host, each on its own loopback address.
 
-Each host has its own config and ed25519 host key under ``layout.ssh_dir/<host>/``; all of them
-let ``LOGIN_USER`` in with the sandbox client key only. The system ``/etc/ssh`` is never read, and
-clients need no ``~/.ssh``: ``layout.ssh_config`` and ``layout.known_hosts`` carry everything.
+Two components run them: ``SshHosts`` the inventory hosts (web1, web2, db1), ``ExecNodes`` the
+execution nodes of ``carrier sandbox up --exec-nodes N`` (exec1.. on 127.0.0.21..). Each host has
+its own config and ed25519 host key under ``layout.ssh_dir/<host>/``; all of them let
+``LOGIN_USER`` in with the sandbox client key only. The system ``/etc/ssh`` is never read, and
+clients need no ``~/.ssh``: ``layout.ssh_config`` and ``layout.known_hosts`` carry every host.
+
+A node is this same machine, so it has what a node needs (docs/nodes.md) when Debian's
+``ansible-runner`` is installed: the login user owns the client key and may read known_hosts,
+so the node's Ansible reaches the inventory hosts exactly as Carrier does.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from carrier.sandbox.sudo import ensure_sudo_password
 
 #: sshd refuses to start without its privilege-separation directory.
 PRIVSEP_DIR = Path("/run/sshd")
+#: What the nodes run: the system's (Debian's python3-ansible-runner), not Carrier's venv.
+NODE_RUNNER = "/usr/bin/ansible-runner"
 LOGIN_SHELL = "/bin/sh"  # dash on Debian: a non-interactive command reads no rc file, prints nothing
 
 
@@ -122,28 +130,37 @@ class HostFiles:
     log_file: Path
 
 
+def host_files(layout: Layout, name: str, addr: str) -> HostFiles:
+    return HostFiles(
+        name=name,
+        address=addr,
+        dir=layout.ssh_dir / name,
+        host_key=layout.ssh_dir / name / "ssh_host_ed25519_key",
+        config=layout.ssh_dir / name / "sshd_config",
+        pid_file=layout.pid_file(f"sshd-{name}"),
+        log_file=layout.log_file(f"sshd-{name}"),
+    )
+
+
 class SshHosts:
-    """One foreground ``sshd -D`` per host in ``HOSTS``; the pid we record is sshd's own."""
+    """One foreground ``sshd -D`` per inventory host (``HOSTS``); the pid we record is sshd's own.
+
+    ``prepare`` writes the files of every sshd host of the layout (nodes too), so known_hosts and
+    ssh_config always list them all; ``start``/``stop`` touch only this component's hosts.
+    """
 
     name = "sshd"
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.authorized_keys = layout.ssh_dir / "authorized_keys"
-        self.hosts = {
-            name: HostFiles(
-                name=name,
-                address=addr,
-                dir=layout.ssh_dir / name,
-                host_key=layout.ssh_dir / name / "ssh_host_ed25519_key",
-                config=layout.ssh_dir / name / "sshd_config",
-                pid_file=layout.pid_file(f"sshd-{name}"),
-                log_file=layout.log_file(f"sshd-{name}"),
-            )
-            for name, addr in HOSTS.items()
-        }
+        self.every = {name: host_files(layout, name, addr) for name, addr in layout.ssh_hosts.items()}
+        self.hosts = {name: self.every[name] for name in self._names()}
         # Popen objects of sshds this process started, so they are reaped when they exit.
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _names(self) -> list[str]:
+        return list(HOSTS)
 
     def ports(self) -> list[tuple[str, int, str]]:
         return [(h.address, self.layout.ports.ssh, f"sshd {h.name}") for h in self.hosts.values()]
@@ -174,7 +191,7 @@ class SshHosts:
         _write_text(self.authorized_keys, f"restrict,pty {public}\n", 0o644)
         check_strict_path(self.authorized_keys, account.pw_uid, account.pw_gid, LOGIN_USER)
 
-        for host in self.hosts.values():
+        for host in self.every.values():
             host.dir.mkdir(parents=True, exist_ok=True)
             host.dir.chmod(0o755)
             _ensure_key(keygen, host.host_key, comment=f"carrier-sandbox-{host.name}")
@@ -186,7 +203,7 @@ class SshHosts:
 
     def host_public_key(self, name: str) -> str:
         """``<type> <base64>`` of a host's public host key."""
-        host = self.hosts[name]
+        host = self.every[name]
         fields = host.host_key.with_name(host.host_key.name + ".pub").read_text().split()
         return f"{fields[0]} {fields[1]}"
 
@@ -195,13 +212,13 @@ class SshHosts:
         lines = [
             f"{known_hosts_pattern(h.address, port)},{known_hosts_pattern(h.name, port)} "
             f"{self.host_public_key(h.name)}\n"
-            for h in self.hosts.values()
+            for h in self.every.values()
         ]
         return "".join(lines)
 
     def ssh_config_text(self) -> str:
         blocks = ["# Written by `carrier sandbox up`. Use: ssh -F <this file> web1\n"]
-        for host in self.hosts.values():
+        for host in self.every.values():
             blocks.append(
                 f"\nHost {host.name}\n"
                 f"    HostName {host.address}\n"
@@ -311,14 +328,42 @@ Subsystem sftp internal-sftp
 
     def stop(self) -> None:
         """Stop every host by pid; fine when none runs."""
-        for host in reversed(list(self.hosts.values())):
-            self._stop_host(host)
+        self.stop_only(list(self.hosts))
+
+    def stop_only(self, names: list[str]) -> None:
+        """Stop these hosts of this component by pid (reverse order)."""
+        for name in reversed(names):
+            self._stop_host(self.hosts[name])
 
     def running(self) -> bool:
         return all(pid is not None for pid in self.pids().values())
 
     def pids(self) -> dict[str, int | None]:
         return {f"sshd-{h.name}": procs.read_pid(h.pid_file) for h in self.hosts.values()}
+
+
+class ExecNodes(SshHosts):
+    """The execution nodes' sshds (``layout.node_hosts``); a node runs Debian's ansible-runner."""
+
+    name = "nodes"
+
+    def _names(self) -> list[str]:
+        return list(self.layout.node_hosts)
+
+    def prepare(self) -> None:
+        if self.hosts:
+            find_node_runner()
+        super().prepare()
+
+
+def find_node_runner() -> str:
+    """The ansible-runner the sandbox's nodes run (``NODE_RUNNER``); SandboxError naming the package."""
+    if not os.access(NODE_RUNNER, os.X_OK):
+        raise SandboxError(
+            f"{NODE_RUNNER} is missing: the sandbox's execution nodes run Debian's ansible-runner; "
+            "apt-get install python3-ansible-runner (or run `make deps`)"
+        )
+    return NODE_RUNNER
 
 
 def _ensure_key(keygen: str, path: Path, *, comment: str) -> None:

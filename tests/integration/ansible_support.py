@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -157,6 +159,12 @@ def processes_with_env(name: str, value: str) -> list[int]:
         if needle in env.split(b"\0"):
             found.append(int(entry.name))
     return found
+
+
+def carrier_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The ``carrier`` CLI as a process, from this tree."""
+    return subprocess.run([sys.executable, "-m", "carrier", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def write_config(

@@ -4,19 +4,18 @@ plays for the ``web`` group through transmit / worker / process over Carrier's s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ansible_support import (
     BUNDLED,
-    REPO,
+    carrier_cli,
     processes_with_env,
     short_tmpdir,
     until,
@@ -212,12 +211,6 @@ def test_a_node_that_dies_mid_run_ends_the_job_clearly(sandbox: Sandbox, system:
         hosts.start()
 
 
-def _carrier(*args: str) -> subprocess.CompletedProcess[str]:
-    """The ``carrier`` CLI as a process, from this tree."""
-    return subprocess.run([sys.executable, "-m", "carrier", *args], capture_output=True, text=True,
-                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def _descendants(pid: int) -> list[int]:
     out = []
     for child in procs.child_pids(pid):
@@ -268,7 +261,7 @@ def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: J
                                        extra_vars={"seconds": 60})
     try:
         until(lambda: system.manager.get(view.id).status == "running", 60, "the job running")
-        done = _carrier("nodes", "--config", str(config))
+        done = carrier_cli("nodes", "--config", str(config))
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         exec1 = next(line for line in lines if line.startswith("exec1 "))
@@ -277,7 +270,7 @@ def test_carrier_nodes_lists_health_and_running_jobs(sandbox: Sandbox, system: J
         assert f"    {view.id}" in lines
         gone = next(line for line in lines if line.startswith("gone "))
         assert " DOWN " in gone and "node gone" not in gone and "127.0.0.14" in gone, gone
-        as_json = _carrier("nodes", "--config", str(config), "--json")
+        as_json = carrier_cli("nodes", "--config", str(config), "--json")
         listed = {n["name"]: n for n in json.loads(as_json.stdout)}
         assert listed["exec1"]["healthy"] is True and listed["exec1"]["running"] == [view.id]
         assert listed["gone"]["healthy"] is False and listed["gone"]["running"] == []
@@ -293,7 +286,7 @@ def test_an_unknown_group_stops_carrier_nodes_with_a_clear_error(sandbox: Sandbo
     data["execution_nodes"] = [{"name": "exec1", "target": "db1", "groups": ["webz"]}]
     with open(config, "w") as fh:
         YAML().dump(data, fh)
-    done = _carrier("nodes", "--config", str(config))
+    done = carrier_cli("nodes", "--config", str(config))
     assert done.returncode == 1
     assert "execution_nodes[0] (exec1).groups: no inventory group 'webz'" in done.stderr, done.stderr
 
@@ -331,3 +324,35 @@ def test_a_node_run_survives_a_carrier_restart(system: JobSystem, workdir: Path)
     counters = [e.data["counter"] for e in events if e.type.startswith("ansible.")]
     assert counters == list(range(1, len(counters) + 1))  # none lost, none twice across the restart
     assert not Path(_base(view.id)).exists()
+
+
+def test_a_job_ending_on_a_node_leaves_the_shared_master_to_the_jobs_still_there(system: JobSystem,
+                                                                                 workdir: Path) -> None:
+    """Two jobs on one node share Carrier's ssh master to it; the first job's worker starts that
+    master, and its end (which stops every process of that run) must not take the master, and the
+    second job's stream with it, along. (``system`` first: it writes the inventory.)"""
+    state = workdir / "state-shared"
+    inventory = workdir / "inventory"
+    node = dataclasses.replace(NODE, capacity=2)
+    js = assemble_job_system(Store.open(state), state, inventory, [_books(workdir)], poll=0.05,
+                             execution_nodes=[node], max_jobs=4, max_jobs_per_host=4)
+    js.manager.start()
+    try:
+        conn = js.nodes.nodes[0].conn
+        assert not js.ssh.master_alive(conn)  # a new state dir: the first job's worker starts it
+        first = js.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web1",
+                                        extra_vars={"seconds": 8})
+        until(lambda: any("Sleep" in t for t in _texts(js, first.id)), 120, "the first job's sleep")
+        second = js.manager.run_playbook("where", owner="ops@example.test", door="cli", limit="web2",
+                                         extra_vars={"seconds": 12})
+        until(lambda: any("Sleep" in t for t in _texts(js, second.id)), 120, "the second job's sleep")
+        assert not js.manager.get(first.id).done, "the first job ended before the second was under way"
+        done = js.manager.wait(first.id, 120)
+        assert (done.status, done.reason) == ("succeeded", "ok"), done.message
+        assert js.ssh.master_alive(conn)
+        done = js.manager.wait(second.id, 120)
+        assert (done.status, done.reason) == ("succeeded", "ok"), done.message
+    finally:
+        js.manager.close()
+        js.ssh.close_all()
+        js.manager.store.close()

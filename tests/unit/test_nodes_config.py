@@ -124,5 +124,14 @@ def test_a_job_goes_to_the_node_serving_all_its_hosts(site: Path) -> None:
     assert pool.node_for(["web1", "web2"]).name == "n1"  # type: ignore[union-attr]
     assert pool.node_for(["web1", "db1"]).name == "n2"  # type: ignore[union-attr]
     assert pool.node_for(["exec1"]) is None  # no node serves it: it runs on the controller
+    assert pool.node_for(["web1", "db1"]).name == "n2"  # type: ignore[union-attr]  # the only one, again
     assert pool.capacities() == {"n1": 4, "n2": 3}
     assert pool.nodes[0].remote_base("j-abc") == "/tmp/carrier-j-abc"
+
+
+def test_nodes_serving_the_same_hosts_take_turns(site: Path) -> None:
+    pool = NodePool.build([ExecutionNode("a", "exec1", ("web",)), ExecutionNode("b", "exec1", ("web", "db")),
+                           ExecutionNode("c", "exec1", ("web",))], Inventory(site / "hosts.yml"))
+    placed = [pool.node_for(["web1"]) for _ in range(7)]
+    assert [n.name for n in placed if n is not None] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert [pool.node_for(["db1"]).name for _ in range(3)] == ["b", "b", "b"]  # type: ignore[union-attr]

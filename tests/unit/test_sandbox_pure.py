@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from ruamel.yaml import YAML
 
 from carrier.errors import SandboxError
 from carrier.sandbox.gpg import _primary_fingerprint, user_id
-from carrier.sandbox.layout import HOSTS, LOGIN_USER, Layout, Ports
+from carrier.sandbox.layout import HOSTS, LOGIN_USER, MAX_EXEC_NODES, Layout, Ports, exec_node_hosts
 from carrier.sandbox.manager import (
     ComponentStatus,
     Sandbox,
@@ -25,7 +27,7 @@ from carrier.sandbox.manager import (
     env_values,
     export_lines,
 )
-from carrier.sandbox.sshd import check_strict_path, config_value, known_hosts_pattern
+from carrier.sandbox.sshd import ExecNodes, SshHosts, check_strict_path, config_value, known_hosts_pattern
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 FPRS = {"admin": "A" * 40, "ops": "B" * 40, "carrier": "C" * 40, "newbie": "D" * 40}
@@ -225,3 +227,95 @@ def test_primary_fingerprint_from_colons() -> None:
 
 def test_user_id() -> None:
     assert user_id("ops") == "Ops <ops@example.test>"
+
+
+# --- execution nodes (--exec-nodes N) ---
+
+
+def test_exec_nodes_get_addresses_from_21_up() -> None:
+    assert exec_node_hosts(0) == {}
+    assert exec_node_hosts(3) == {"exec1": "127.0.0.21", "exec2": "127.0.0.22", "exec3": "127.0.0.23"}
+    assert exec_node_hosts(MAX_EXEC_NODES)[f"exec{MAX_EXEC_NODES}"] == "127.0.0.29"
+    box = Layout(Path("/x"), exec_nodes=2)
+    assert box.ssh_hosts == {**HOSTS, "exec1": "127.0.0.21", "exec2": "127.0.0.22"}
+    assert Layout(Path("/x")).ssh_hosts == HOSTS
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_EXEC_NODES + 1, 300])
+def test_a_bad_number_of_exec_nodes_is_refused_with_the_range(bad: int, tmp_path: Path) -> None:
+    expected = (f"the number of execution nodes (--exec-nodes) must be a whole number from 0 to "
+                f"{MAX_EXEC_NODES} (the nodes live on 127.0.0.21-127.0.0.29), not {bad}")
+    with pytest.raises(SandboxError) as err:
+        Sandbox(tmp_path, exec_nodes=bad)
+    assert str(err.value) == expected
+    with pytest.raises(SandboxError):
+        Layout(tmp_path, exec_nodes=bad)
+    assert not (tmp_path / "sandbox.json").exists()  # nothing written
+
+
+def test_meta_records_ports_and_nodes_and_loads_them_back(tmp_path: Path) -> None:
+    saved = Layout(tmp_path, Ports.with_offset(300), exec_nodes=2)
+    saved.save_meta()
+    assert json.loads(saved.meta_file.read_text()) == {"ports": asdict(saved.ports), "exec_nodes": 2}
+    assert Layout.load(tmp_path) == saved
+    # The sandbox keeps its nodes when `up` does not name them, and changes them when it does.
+    assert Sandbox(tmp_path).layout.exec_nodes == 2
+    assert Sandbox(tmp_path, exec_nodes=0).layout.exec_nodes == 2  # applied by up(), not before
+
+
+def test_meta_written_before_nodes_existed_means_none(tmp_path: Path) -> None:
+    ports = asdict(Ports.with_offset(100))
+    del ports["postgres"]  # an older sandbox.json: no postgres port, no exec_nodes
+    (tmp_path / "sandbox.json").write_text(json.dumps({"ports": ports}))
+    loaded = Layout.load(tmp_path)
+    assert loaded.exec_nodes == 0 and loaded.ports == Ports.with_offset(100)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"ports": {"ssh": 2222}, "exec_nodes": -3}', "sandbox.json: exec_nodes: the number of execution nodes"),
+    ('{"ports": {"ssh": 2222}, "exec_nodes": "2"}', "not '2'"),
+    ('{"ports": {"ssh": "2222"}}', "is not a sandbox record"),
+    ('{"ports": {"ssh": 2222, "warp": 1}}', "unknown or non-numeric ports ['warp']"),
+    ("[1, 2]", "is not a sandbox record"),
+    ("{not json", "cannot read"),
+])
+def test_a_broken_meta_file_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "sandbox.json").write_text(text)
+    with pytest.raises(SandboxError) as err:
+        Layout.load(tmp_path)
+    assert message in str(err.value)
+
+
+def test_inventory_and_config_without_nodes_are_unchanged() -> None:
+    hosts, _ = build_inventory(layout(), "auto_silent")
+    assert set(hosts["all"]["children"]) == {"web", "db"}
+    assert "execution_nodes" not in build_config(layout(), fingerprints=FPRS, playbook_dirs=[])
+
+
+def test_nodes_are_inventory_hosts_of_their_own_group_and_serve_web_and_db() -> None:
+    box = Layout(Path("/var/tmp/sbx"), Ports.with_offset(100), exec_nodes=2)
+    hosts, _ = build_inventory(box, "auto_silent")
+    children = hosts["all"]["children"]
+    assert set(children) == {"web", "db", "nodes"}
+    assert children["nodes"]["hosts"]["exec2"] == {
+        "ansible_host": "127.0.0.22", "ansible_port": 2322, "ansible_user": LOGIN_USER,
+        "ansible_ssh_private_key_file": "/var/tmp/sbx/ssh/id_ed25519",
+    }
+    assert set(children["web"]["hosts"]) == {"web1", "web2"}  # the inventory hosts stay as they were
+    config = build_config(box, fingerprints=FPRS, playbook_dirs=[])
+    assert config["execution_nodes"] == [
+        {"name": f"exec{i}", "target": f"exec{i}", "groups": ["web", "db"],
+         "ansible_runner": "/usr/bin/ansible-runner"} for i in (1, 2)
+    ]
+    assert _keys_documented(config, _docs_example(), "") == []
+
+
+def test_node_component_lists_only_the_nodes_and_known_hosts_covers_all() -> None:
+    box = Layout(Path("/var/tmp/sbx"), Ports.with_offset(100), exec_nodes=2)
+    nodes, inventory_hosts = ExecNodes(box), SshHosts(box)
+    assert nodes.name == "nodes" and list(nodes.hosts) == ["exec1", "exec2"]
+    assert nodes.ports() == [("127.0.0.21", 2322, "sshd exec1"), ("127.0.0.22", 2322, "sshd exec2")]
+    assert list(inventory_hosts.hosts) == list(HOSTS)
+    assert list(inventory_hosts.every) == [*HOSTS, "exec1", "exec2"]  # known_hosts and ssh_config
+    assert [c.name for c in Sandbox(Path("/var/tmp/none-here")).components()] == [
+        "oauth", "dovecot", "smtp", "keyserver", "sshd"]
