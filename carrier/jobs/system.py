@@ -19,7 +19,7 @@ from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
 from carrier.jobs.manager import Engine, Manager
 from carrier.jobs.ptyengine import PtyEngine
 from carrier.nodes.pool import NodePool
-from carrier.store import Store
+from carrier.store import Store, jobruns
 
 
 @dataclass
@@ -50,7 +50,9 @@ def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
     inventory = Inventory(inventory_path)
     catalog = Catalog(playbook_dirs)
     ssh = SshControl(state_dir)
-    nodes = NodePool.build(execution_nodes, inventory)
+    # Placement among nodes looks at what runs on each, store-wide.
+    nodes = NodePool.build(execution_nodes, inventory,
+                           running=functools.partial(jobruns.running_on_nodes, store))
     pty = PtyEngine(inventory, ssh, secrets=secrets)
     engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog, secrets=secrets, nodes=nodes,
                                             strategy=strategy),

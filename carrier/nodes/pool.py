@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -75,16 +75,27 @@ def _conn(index: int, node: ExecutionNode, inventory: Inventory) -> HostConn:
                     timeout=NODE_CONNECT_TIMEOUT)
 
 
-class NodePool:
-    """The execution nodes of one Carrier (none: every job runs on the controller)."""
+#: Node name -> the ids of the jobs running on it now (``carrier.store.jobruns.running_on_nodes``).
+RunningOnNodes = Callable[[], Mapping[str, Sequence[str]]]
 
-    def __init__(self, nodes: Sequence[Node], inventory: Inventory) -> None:
+
+class NodePool:
+    """The execution nodes of one Carrier (none: every job runs on the controller).
+
+    ``running`` (optional) says what runs on each node now, store-wide (every Carrier process):
+    among the nodes that could take a job, the least busy for its capacity gets it.
+    """
+
+    def __init__(self, nodes: Sequence[Node], inventory: Inventory,
+                 running: RunningOnNodes | None = None) -> None:
         self.nodes = tuple(nodes)
         self.inventory = inventory
+        self.running = running
         self._turns = itertools.count()  # next() is atomic: threads placing jobs share it
 
     @classmethod
-    def build(cls, configured: Iterable[ExecutionNode], inventory: Inventory) -> NodePool:
+    def build(cls, configured: Iterable[ExecutionNode], inventory: Inventory,
+              running: RunningOnNodes | None = None) -> NodePool:
         """Nodes from ``execution_nodes:``; ConfigError for a group or host the inventory lacks."""
         nodes = []
         configured = tuple(configured)
@@ -97,7 +108,7 @@ class NodePool:
                                       f"group {group!r} (groups: {known})")
             nodes.append(Node(item.name, _conn(index, item, inventory), item.groups, item.capacity,
                               item.ansible_runner, item.work_dir))
-        return cls(nodes, inventory)
+        return cls(nodes, inventory, running)
 
     def get(self, name: str) -> Node | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -108,15 +119,23 @@ class NodePool:
         return {host for group in node.groups for host in groups.get(group, ())}
 
     def node_for(self, hosts: Sequence[str]) -> Node | None:
-        """A node serving every one of ``hosts`` (when several do, they take turns, in config order);
-        None runs the job on the controller."""
+        """A node serving every one of ``hosts``; None runs the job on the controller.
+
+        When several do: the one with the fewest running jobs for its capacity (when ``running``
+        is known); among equally busy ones they take turns, in config order.
+        """
         if not hosts or not self.nodes:
             return None
         wanted = set(hosts)
         able = [n for n in self.nodes if wanted <= self.served(n)]
-        if not able:
-            return None
-        return able[next(self._turns) % len(able)] if len(able) > 1 else able[0]
+        if len(able) <= 1:
+            return able[0] if able else None
+        turn = next(self._turns) % len(able)
+        rotated = able[turn:] + able[:turn]
+        if self.running is None:
+            return rotated[0]
+        busy = self.running()
+        return min(rotated, key=lambda n: len(busy.get(n.name, ())) / n.capacity)  # min: first of ties
 
     def capacities(self) -> dict[str, int]:
         return {n.name: n.capacity for n in self.nodes}

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from timing_support import timed
+
 from carrier.auth import pgp
 from carrier.auth.keyring import Keyring
 from carrier.auth.policy import HostRef, Identity, Request, decide
@@ -46,12 +48,6 @@ def _mail(entity: bytes, sig: bytes) -> bytes:
             b'Content-Type: multipart/signed; micalg=pgp-sha256; protocol="application/pgp-signature"; '
             b'boundary="b"\r\n\r\n--b\r\n' + entity + b"\r\n--b\r\nContent-Type: application/pgp-signature"
             b"\r\n\r\n" + sig.replace(b"\n", b"\r\n") + b"\r\n--b--\r\n")
-
-
-def _median_time(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def main() -> str:
@@ -97,10 +93,10 @@ def main() -> str:
 
         times: dict[str, list[float]] = {"carrier": [], "gpg": [], "carrier_mt": [], "gpg_mt": []}
         for _ in range(ROUNDS):
-            times["carrier"].append(_median_time(carrier_run))
-            times["gpg"].append(_median_time(gpg_run))
-            times["carrier_mt"].append(_median_time(threaded(carrier_run)))
-            times["gpg_mt"].append(_median_time(threaded(gpg_run)))
+            times["carrier"].append(timed(carrier_run))
+            times["gpg"].append(timed(gpg_run))
+            times["carrier_mt"].append(timed(threaded(carrier_run)))
+            times["gpg_mt"].append(timed(threaded(gpg_run)))
         med = {k: statistics.median(v) for k, v in times.items()}
         one = {k: med[k] / MAILS * 1000 for k in ("carrier", "gpg")}
         rate = {k: MAILS * THREADS / med[k] for k in ("carrier_mt", "gpg_mt")}

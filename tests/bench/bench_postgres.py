@@ -1,5 +1,5 @@
 """PostgreSQL store (issue 14): SQLite vs PostgreSQL for event ingestion, and N concurrent short
-jobs on one vs two Carrier instances sharing a PostgreSQL store.
+jobs on one, two and three Carrier instances sharing a PostgreSQL store.
 
 Ingestion: the same job events through the same code (``Store.append_event`` and
 ``Store.append_events``) on a SQLite store (WAL, synchronous=NORMAL: the embedded default) and on a
@@ -7,17 +7,20 @@ PostgreSQL store (the sandbox's cluster on loopback, default durability: a commi
 WAL flush), rounds alternating.
 
 Throughput: ``JOBS`` exec jobs (``true`` over the ssh master on web1/web2/db1) submitted at once
-and run to the end, by one instance, then by two instances (separate processes, each with its own
-state directory, on one fresh PostgreSQL schema; each submits half, as two instances each taking
-half of the mail would). The store-wide limits (``MAX_JOBS``, ``PER_HOST``) are the same on both
-sides; sides alternate after a warm-up of each instance's ssh masters.
+and run to the end, by one instance, then by two and by three instances (separate processes, each
+with its own state directory, on one fresh PostgreSQL schema per side; each submits its share, as
+instances each taking a share of the mail would). The store-wide limits (``MAX_JOBS``,
+``PER_HOST``) are the same on every side; sides alternate after a warm-up of each instance's ssh
+masters.
 
-Starts its own sandbox with PostgreSQL (port offset 7600, under /var/tmp) and destroys it.
+Starts its own sandbox with PostgreSQL (port offset 400 + CARRIER_TEST_PORT_OFFSET, under
+/var/tmp) and destroys it.
 ``python tests/bench/bench_postgres.py instance ...`` is the child an instance runs in.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import statistics
@@ -28,11 +31,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PORT_OFFSET = 7600
+from timing_support import alternate, timed
+
+PORT_OFFSET = 400 + int(os.environ.get("CARRIER_TEST_PORT_OFFSET", "0"))
 EVENTS = 1000
 ROUNDS = 5
 JOBS = 48
 JOB_ROUNDS = 3
+INSTANCES = (1, 2, 3)
 MAX_JOBS = 8
 PER_HOST = 4
 HOSTS = ("web1", "web2", "db1")
@@ -46,12 +52,6 @@ def _fresh_url(base: str) -> str:
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]  # a generated name
     return f"{base}?options=-csearch_path%3D{schema}"
-
-
-def _time(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- ingestion
@@ -74,6 +74,11 @@ def _ingest_round(store: object, batch: bool) -> Callable[[], None]:
     return run
 
 
+def _measure(store: object, batch: bool) -> Callable[[], float]:
+    """One timed ingestion round on ``store`` (each on a new job)."""
+    return lambda: timed(_ingest_round(store, batch))
+
+
 def _ingestion(root: Path, base_url: str) -> list[str]:
     from carrier.store import Store
 
@@ -82,13 +87,8 @@ def _ingestion(root: Path, base_url: str) -> list[str]:
     rows = []
     try:
         for batch in (False, True):
-            on_pg, on_lite = [], []
-            _time(_ingest_round(lite, batch))  # warm-up
-            _time(_ingest_round(pg, batch))
-            for _ in range(ROUNDS):
-                on_lite.append(_time(_ingest_round(lite, batch)))
-                on_pg.append(_time(_ingest_round(pg, batch)))
-            p, s = statistics.median(on_pg), statistics.median(on_lite)
+            took = alternate({"sqlite": _measure(lite, batch), "pg": _measure(pg, batch)}, ROUNDS)
+            p, s = statistics.median(took["pg"]), statistics.median(took["sqlite"])
             label = "append_events (one transaction)" if batch else "append_event (one commit each)"
             rows.append(f"| {label} | {EVENTS / p:,.0f} ev/s | {EVENTS / s:,.0f} ev/s | {p / s:.2f}x |")
     finally:
@@ -185,21 +185,19 @@ class _Side:
 
 
 def _throughput(root: Path, base_url: str, inventory: Path) -> tuple[list[str], str]:
-    sides = {n: _Side(root, base_url, inventory, n) for n in (1, 2)}
+    sides: dict[int, _Side] = {}
     try:
-        took: dict[int, list[float]] = {1: [], 2: []}
-        for _ in range(JOB_ROUNDS):
-            for n, side in sides.items():
-                took[n].append(side.round())
+        for n in INSTANCES:
+            sides[n] = _Side(root, base_url, inventory, n)
+        took = alternate({str(n): side.round for n, side in sides.items()}, JOB_ROUNDS, warmup=0)
         split = {n: side.ran_by() for n, side in sides.items()}
     finally:
         for side in sides.values():
             side.close()
-    one, two = statistics.median(took[1]), statistics.median(took[2])
-    rows = [f"| {JOBS} exec jobs, submit to last verdict | {two:.2f} s ({JOBS / two:.1f} jobs/s) | "
-            f"{one:.2f} s ({JOBS / one:.1f} jobs/s) | {two / one:.2f}x |"]
-    note = (f"Jobs run per instance over all rounds (with the warm-ups): two instances {split[2]}, "
-            f"one instance {split[1]}.")
+    median = {n: statistics.median(took[str(n)]) for n in INSTANCES}
+    rows = [f"| {n} | {median[n]:.2f} s | {JOBS / median[n]:.1f} jobs/s | {median[1] / median[n]:.2f}x | "
+            f"{split[n]} |" for n in INSTANCES]
+    note = "Jobs per instance: over all rounds, with each instance's warm-up jobs."
     return rows, note
 
 
@@ -229,15 +227,16 @@ def main() -> str:
         "| what | PostgreSQL | SQLite | ratio (time) |\n|---|---|---|---|\n"
         + "\n".join(ingest) + "\n\n"
         f"Throughput: {JOBS} short exec jobs (`true` over the ssh master, spread over web1, web2, db1) "
-        f"submitted at once; store-wide limits {MAX_JOBS} jobs, {PER_HOST} per host on both sides; "
-        f"median of {JOB_ROUNDS} alternating rounds. Two instances are two processes, each with its "
-        "own state directory, on one PostgreSQL schema, each submitting half.\n\n"
-        "| what | two instances | one instance | ratio (time) |\n|---|---|---|---|\n"
+        f"submitted at once; store-wide limits {MAX_JOBS} jobs, {PER_HOST} per host on every side; "
+        f"median of {JOB_ROUNDS} alternating rounds. Several instances are as many processes, each "
+        "with its own state directory, on one PostgreSQL schema, each submitting its share.\n\n"
+        f"| instances | {JOBS} exec jobs, submit to last verdict | throughput | vs 1 instance | "
+        "jobs run per instance |\n|---|---|---|---|---|\n"
         + "\n".join(jobs) + "\n\n"
-        f"{note} The limits are counted over the whole store, so a second instance on the same "
-        "machine adds availability (it takes over a dead one's jobs and mail), not job slots: what "
-        "bounds throughput here is the two cores and the per-host limit, and the ratio shows what "
-        "sharing the claim and the limits between two processes costs or gains.\n"
+        f"{note} The limits are counted over the whole store, so more instances on the same "
+        "machine add availability (one takes over a dead one's jobs and mail), not job slots: what "
+        "bounds throughput here is the two cores and the per-host limit, and the ratios show what "
+        "sharing the claim and the limits between processes costs or gains.\n"
     )
 
 

@@ -11,12 +11,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ansible_support import carrier_cli, until
+from ansible_support import BUNDLED, REPO, carrier_cli, until, write_config, write_playbooks
 
 from carrier.ansible.ssh import SshControl
 from carrier.sandbox import procs
@@ -141,6 +143,36 @@ def test_a_job_for_a_node_host_itself_runs_on_the_controller(root: Path) -> None
     job_id = re.search(r"== job (j-[a-z0-9]+)", done.stderr).group(1)  # type: ignore[union-attr]
     record = json.loads(carrier_cli("job", "show", job_id, "--json", "--config", _config(root)).stdout)
     assert "node" not in record["spec"]  # no node serves the `nodes` group
+
+
+def test_a_job_goes_to_the_node_with_nothing_running(root: Path) -> None:
+    """Two `carrier run` processes: the second job is placed on the node the first one leaves idle."""
+    config = write_config(Sandbox(root), root / "carrier-slow.yml", state=root / "state",
+                          inventory=root / "inventory",
+                          playbook_dirs=[write_playbooks(root / "test-playbooks"), BUNDLED])
+    slow = subprocess.Popen([sys.executable, "-m", "carrier", "run", "slow", "--limit", "web1", "-e",
+                             "seconds=120", "--wait", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        def running_on() -> dict[str, list[str]]:
+            done = carrier_cli("nodes", "--config", str(config), "--json")
+            return {n["name"]: n["running"] for n in json.loads(done.stdout)} if done.returncode == 0 else {}
+
+        until(lambda: any(running_on().values()), 120, "the slow job running on a node")
+        busy = next(name for name, jobs in running_on().items() if jobs)
+        done = carrier_cli("run", "ping", "--limit", "web", "--wait", "--config", str(config), timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        job_id = re.search(r"== job (j-[a-z0-9]+)", done.stderr).group(1)  # type: ignore[union-attr]
+        record = json.loads(carrier_cli("job", "show", job_id, "--json", "--config", str(config)).stdout)
+        assert record["spec"]["node"] == next(n for n in NODES if n != busy)
+        slow_id = running_on()[busy][0]
+        assert carrier_cli("job", "kill", slow_id, "--config", str(config)).returncode == 0
+        assert slow.wait(120) == 2  # the cancelled job: exit 2
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+        slow.communicate(timeout=60)
 
 
 def test_a_bad_number_of_nodes_is_refused_and_writes_nothing() -> None:

@@ -135,3 +135,16 @@ def test_nodes_serving_the_same_hosts_take_turns(site: Path) -> None:
     placed = [pool.node_for(["web1"]) for _ in range(7)]
     assert [n.name for n in placed if n is not None] == ["a", "b", "c", "a", "b", "c", "a"]
     assert [pool.node_for(["db1"]).name for _ in range(3)] == ["b", "b", "b"]  # type: ignore[union-attr]
+
+
+def test_the_least_busy_node_for_its_capacity_gets_the_job(site: Path) -> None:
+    running: dict[str, list[str]] = {"a": ["j-1", "j-2"], "b": [], "c": ["j-3"]}
+    pool = NodePool.build([ExecutionNode("a", "exec1", ("web",), capacity=2),
+                           ExecutionNode("b", "exec1", ("web",), capacity=1),
+                           ExecutionNode("c", "exec1", ("web",), capacity=4)],
+                          Inventory(site / "hosts.yml"), running=lambda: running)
+    assert pool.node_for(["web1"]).name == "b"  # type: ignore[union-attr]  # idle
+    running["b"] = ["j-4"]  # now a 2/2 = 1.0, b 1/1 = 1.0, c 1/4
+    assert pool.node_for(["web1"]).name == "c"  # type: ignore[union-attr]
+    running["c"] = ["j-3", "j-5", "j-6", "j-7"]  # all full: equally busy ones take turns
+    assert {pool.node_for(["web1"]).name for _ in range(3)} == {"a", "b", "c"}  # type: ignore[union-attr]
