@@ -259,6 +259,16 @@ class PtyRunner:
         except (OSError, SshError, subprocess.TimeoutExpired):
             return None
 
+    def _run_on_host(self, host: HostConn, script: str) -> bool:
+        """Best effort: a small fixed script on ``host`` (over its master, or locally)."""
+        try:
+            argv = self._argv_for(host)(shlex.join(["sh", "-c", script]))
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=20, check=False)
+        except (OSError, PtyError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
     def _remote_kill(self, host: HostConn, job_id: str, name: str) -> bool:
         done = self._remote(host, PLAIN_KILL, job_id, name)
         return done is not None and done.returncode == 0
@@ -292,6 +302,7 @@ class PtyRunner:
             job.pane_pid = server.pane_info(pane.pane).pid
         except tmuxctl.TmuxError as exc:
             server.unregister(pane.pane)
+            job._remove_pipe_files()
             with contextlib.suppress(tmuxctl.TmuxError):
                 server.kill_pane(pane.pane, spec.job_id)
             job._drain_pipe()
@@ -315,10 +326,10 @@ class PtyRunner:
         except PtyError as exc:
             log.warning("pty pipe output unavailable", extra={"job": job.job_id, "error": str(exc)})
             return False
-        reader = ptypipe.PipeReader(argv, name=host.name, stderr_path=stderr)
+        reader = ptypipe.PipeReader(argv, name=f"{host.name}/{job.job_id}", stderr_path=stderr)
         header = reader.open()
         if not header.ok or not header.punch:
-            why = header.detail or "the host cannot punch holes in files (fallocate)"
+            why = header.detail or "the host cannot punch holes in files (fallocate) or has no GNU tail"
             log.warning("pty pipe output unavailable: control mode", extra={"job": job.job_id, "error": why})
             if header.ok:
                 reader.drop()
@@ -353,6 +364,8 @@ class PtyRunner:
         try:
             pane = server.pane_info(f"={job_id}:")
         except tmuxctl.TmuxError as exc:
+            if state.get("output") == "pipe" and not observer:
+                self._run_on_host(host, ptypipe.cleanup_script(job_id))  # nothing will read it now
             raise PtyError(f"job {job_id}: its tmux session is gone from {host.name}") from exc
         output = self._log(run_dir, readonly=observer)
         job = TmuxPtyJob(spec, output, self, host, server, pane, observer=observer)

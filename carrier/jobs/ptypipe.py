@@ -53,10 +53,10 @@ _HEADER = b"carrier-pipe "
 _READ = 262144
 
 #: ``sh -c READER carrier-pty <job> <offset>``: prepares the file (first line: ``carrier-pipe ok
-#: <punch 0|1>`` or ``carrier-pipe error <why>``), waits for ``go`` on stdin (``drop`` removes the
-#: file), then becomes ``tail`` from byte ``offset``; further stdin lines ``punch <n>`` free the
-#: first n bytes. tail ends once the pipe's writer (``cat``, see ``pipe_command``) has ended and
-#: everything is sent; the channel then closes.
+#: <usable 0|1>``, 1 when hole punching and GNU tail work here, or ``carrier-pipe error <why>``),
+#: waits for ``go`` on stdin (``drop`` removes the file), then becomes ``tail`` from byte
+#: ``offset``; further stdin lines ``punch <n>`` free the first n bytes. tail ends once the pipe's
+#: writer (``cat``, see ``pipe_command``) has ended and everything is sent; the channel then closes.
 READER = (
     'd="$HOME/.carrier-pty"; f="$d/$1.out"; w="$d/$1.wpid"; umask 077; '
     'mkdir -p "$d" 2>/dev/null; '
@@ -66,9 +66,11 @@ READER = (
     'echo "carrier-pipe error $f is not a file of this user"; exit 4; fi; '
     'if [ "$2" != 0 ] && [ ! -f "$f" ]; then echo "carrier-pipe error $f is gone"; exit 4; fi; '
     '[ -e "$f" ] || : >"$f" || { echo "carrier-pipe error cannot create $f"; exit 4; }; '
-    # Can this file system punch holes? Asked of a probe file beside it (never of the output).
+    # Can this file system punch holes (asked of a probe file beside it, never of the output), and
+    # is this a tail with --pid and -s (GNU coreutils)? Else the job uses control mode.
     'p=0; t="$d/$1.probe"; : >"$t" && command -v fallocate >/dev/null 2>&1 && '
-    'fallocate -p -o 0 -l 4096 "$t" 2>/dev/null && p=1; rm -f "$t"; '
+    'fallocate -p -o 0 -l 4096 "$t" 2>/dev/null && '
+    'tail -c +1 -s 0.2 --pid=$$ "$t" >/dev/null 2>&1 && p=1; rm -f "$t"; '
     'echo "carrier-pipe ok $p"; '
     'read -r go || exit 0; '
     'if [ "$go" != go ]; then rm -f "$f" "$w"; exit 0; fi; '
@@ -279,7 +281,7 @@ class PipeReader:
                     break
                 sink(data)
         except Exception:  # a broken sink must not leave the job waiting for an end
-            log.warning("pty pipe reader failed", exc_info=True, extra={"host": self.name})
+            log.warning("pty pipe reader failed", exc_info=True, extra={"reader": self.name})
         finally:
             self.ended.set()
             with contextlib.suppress(Exception):

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 _HOLD_MAX = 0.1
 #: Seconds an ended pipe-output job waits for the last bytes of the host's file.
 _DRAIN_TIMEOUT = 10.0
+#: New readers a job gets when its reader channel goes away while the program runs.
+_PIPE_RETRIES = 5
 
 
 def quiet_pane(pane: str) -> str:
@@ -73,6 +75,9 @@ class TmuxPtyJob(PtyJob):
         self._consumed = 0  # bytes of the host's file handed to on_output
         self._punched = 0
         self._stream_marker = False  # the end marker came in the output itself
+        self._pipe_retries = 0
+        self._released = False
+        self._release_lock = threading.Lock()
 
     # ----------------------------------------------------------------- PaneSink (reader thread)
 
@@ -91,9 +96,7 @@ class TmuxPtyJob(PtyJob):
                 self._stream_marker = True
                 digits = buf[idx + len(self._mark):end] if end >= 0 else b""
                 self.marker_status = int(digits) if digits.isdigit() else -1
-                if not self.observer:
-                    with contextlib.suppress(tmuxctl.TmuxError):
-                        self.server.release(self.job_id)
+                self._release_wrapper()
                 self._fast_until = time.monotonic() + 5.0
                 self._hint.set()
                 if end >= 0:
@@ -132,6 +135,23 @@ class TmuxPtyJob(PtyJob):
     def on_hint(self) -> None:
         self._hint.set()
 
+    def _release_wrapper(self) -> None:
+        """Let the wrapper exit (its end marker was seen, or its status recorded), exactly once: a
+        second ``wait-for -S`` before the wrapper waits would delete the channel's wake-up (tmux
+        removes a woken channel nobody waits on), and the wrapper would wait for ever. The reader
+        (marker) and the watcher (status option) may both get here."""
+        if self.observer:
+            return
+        with self._release_lock:
+            if self._released:
+                return
+            try:
+                self.server.release(self.job_id)
+            except tmuxctl.TmuxError as exc:
+                log.info("pty release not sent: tried again", extra={"job": self.job_id, "error": str(exc)})
+                return
+            self._released = True
+
     # ----------------------------------------------------------------- pipe output (reader thread)
 
     def attach_pipe(self, reader: ptypipe.PipeReader, offsets: ptypipe.OffsetFile, start: int) -> None:
@@ -157,6 +177,23 @@ class TmuxPtyJob(PtyJob):
         if self._pipe is not None and saved.host - self._punched >= ptypipe.PUNCH_EVERY:
             self._punched = saved.host
             self._pipe.punch(saved.host)
+
+    def _resume_pipe(self) -> None:
+        """A new reader from the first byte not yet taken (a dropped channel loses nothing); after
+        ``_PIPE_RETRIES`` the job goes on in control mode (output printed meanwhile is not read)."""
+        offsets = self._offsets
+        start = self._consumed
+        self._close_pipe()
+        self._pipe_retries += 1
+        log.warning("pty pipe reader ended while the job runs: reading again",
+                    extra={"job": self.job_id, "offset": start, "attempt": self._pipe_retries})
+        if offsets is not None and self._pipe_retries <= _PIPE_RETRIES and \
+                self.runner._open_pipe(self, self.host, offsets.path.parent, start, fresh=False):
+            return
+        log.warning("pty pipe output given up: control mode", extra={"job": self.job_id})
+        self.output_mode = "control"
+        with contextlib.suppress(tmuxctl.TmuxError):
+            self.server.command(f"refresh-client -A {tmuxctl.quote(self.pane + ':on')}")
 
     def _close_pipe(self) -> None:
         """Stop the reader and save where it got to (the host's file stays for a re-attach)."""
@@ -204,6 +241,7 @@ class TmuxPtyJob(PtyJob):
                     if self._pipe is not None:
                         self._pipe.wait_end(_DRAIN_TIMEOUT)  # its writer is gone: what is left comes
                         self._close_pipe()
+                        self._remove_pipe_files()
                     self._finish(ExitInfo("lost", None, None, "the job's tmux pane is gone "
                                           "(its tmux server was stopped)"), None)
                     self.server.unregister(self.pane)
@@ -216,14 +254,16 @@ class TmuxPtyJob(PtyJob):
                 time.sleep(1.0)
                 continue
             self.pane_pid = info.pid
+            if self._pipe is not None and self._pipe.ended.is_set() and not info.dead and not self.observer:
+                self._resume_pipe()  # the reader's channel went away while the pane runs
             if not info.dead and info.ended is not None and self.marker_status is None:
                 # The command ended while no Carrier listened (the marker went by): let the
                 # wrapper go; its own end follows.
                 self.marker_status = info.ended
-                if not self.observer:
-                    with contextlib.suppress(tmuxctl.TmuxError):
-                        self.server.release(self.job_id)
+                self._release_wrapper()
                 self._fast_until = time.monotonic() + 5.0
+            elif not info.dead and info.ended is not None and not self._released:
+                self._release_wrapper()  # the first try could not be sent
             if not info.dead:
                 if time.monotonic() < self._fast_until:
                     time.sleep(0.03)  # an end is expected (marker seen, signal sent): look again soon
@@ -268,6 +308,9 @@ class TmuxPtyJob(PtyJob):
             screen = self._capture()
         self.server.unregister(self.pane)
         if not self.observer:
+            # The pipe's file goes first (tail and cat keep reading and writing it by their open
+            # descriptors): once the pane is gone, another Carrier may stop the emptied server.
+            self._remove_pipe_files()
             with contextlib.suppress(tmuxctl.TmuxError):
                 self.server.kill_pane(self.pane, self.job_id)
         self._drain_pipe()
@@ -288,9 +331,16 @@ class TmuxPtyJob(PtyJob):
         if not self._stream_marker and not reader.wait_end(_DRAIN_TIMEOUT):
             log.warning("pty pipe output not drained", extra={"job": self.job_id})
         self._close_pipe()
-        if not self.observer:
-            with contextlib.suppress(tmuxctl.TmuxError):
-                self.server.command(f"run-shell {tmuxctl.quote(ptypipe.cleanup_script(self.job_id))}")
+
+    def _remove_pipe_files(self) -> None:
+        """Remove the job's pipe file on the host (by its tmux server, else over ssh)."""
+        if self.output_mode != "pipe" or self.observer:
+            return
+        script = ptypipe.cleanup_script(self.job_id)
+        try:
+            self.server.command(f"run-shell {tmuxctl.quote(script)}")
+        except tmuxctl.TmuxError:
+            self.runner._run_on_host(self.host, script)
 
     # ----------------------------------------------------------------- operations
 

@@ -88,11 +88,11 @@ class Bench:
         return Path(done.stdout.strip())
 
     def job(self, host: str, command: str, *, mode: str, cols: int = 120, rows: int = 40,
-            output: str = DEFAULT_OUTPUT) -> PtyJob:
+            output: str = DEFAULT_OUTPUT, exact: bool = True) -> PtyJob:
         job_id = new_job_id()
         spec = PtySpec(job_id, host, command, shell=True, mode=mode, cols=cols, rows=rows)  # noqa: S604
         job = self.runners[output].start(spec, self.inventory.conn(host), self.jobs_dir / job_id)
-        if isinstance(job, TmuxPtyJob):
+        if isinstance(job, TmuxPtyJob) and exact:
             assert job.output_mode == output, (job.output_mode, output)
         return job
 
@@ -219,7 +219,8 @@ class Bench:
         logins_before = sum(self._logins(h) for h in hosts)
         started = time.perf_counter()
         loop = "while read l; do echo got:$l; done"
-        jobs = [self.job(hosts[i % 3], loop, mode="tmux") for i in range(count)]
+        # Beyond the pipe readers a host allows, jobs fall back to control mode.
+        jobs = [self.job(hosts[i % 3], loop, mode="tmux", exact=False) for i in range(count)]
         piped = sum(1 for job in jobs if isinstance(job, TmuxPtyJob) and job.output_mode == "pipe")
         start_time = time.perf_counter() - started
         times = []
@@ -258,6 +259,12 @@ def _interleaved(fns: dict[str, Callable[[], tuple[float, int]]]) -> dict[str, t
         for name, fn in fns.items():
             results[name].append(fn())
     return {name: sorted(runs)[len(runs) // 2] for name, runs in results.items()}
+
+
+_LOGINS_OK = "(one control channel per host plus the pipe readers, all within MaxSessions)."
+_LOGINS_UNEXPLAINED = (f"(the control channel and at most {MAX_PIPES} pipe readers per host take "
+                       f"{MAX_PIPES + 1} of MaxSessions' 10, so the channel count does not explain them; "
+                       "the cause was not found in this run).")
 
 
 def _ms(seconds: float) -> str:
@@ -357,7 +364,7 @@ def main() -> str:
         f"{MAX_PIPES} reader channels per host, the rest on control mode); usable (answered input) "
         f"{int(conc['usable'])}/{int(conc['count'])}; lost {int(conc['lost'])}; input-to-echo p50 "
         f"{_ms(conc['p50'])}, p90 {_ms(conc['p90'])}; new ssh logins while they ran: {int(conc['logins'])} "
-        "(one control channel per host plus the pipe readers, all within MaxSessions).",
+        + (_LOGINS_OK if not conc["logins"] else _LOGINS_UNEXPLAINED),
     ]
     return "\n".join(lines) + "\n"
 

@@ -165,6 +165,37 @@ def test_restart_in_the_middle_resumes_without_loss_or_repeat(sandbox: Sandbox, 
     assert _host_files(sandbox, job) == ""
 
 
+def test_a_lost_reader_channel_is_replaced_without_loss(sandbox: Sandbox, workdir: Path) -> None:
+    """The host's tail is killed while the program prints: a new reader goes on from the next byte."""
+    config = _config(sandbox, workdir, "pipe")
+    server, context = build_server(config, modules=("carrier.mcp.tools_ops",))
+    command = ("i=0; while [ $i -lt 200 ]; do i=$((i+1)); echo n$i; sleep 0.02; done; "
+               "read -r x; echo end:$x")
+    found: dict[str, Any] = {}
+
+    async def session() -> None:
+        async with Client(server) as client:
+            job = (await _call(client, "job_start", {"host": "web1", "command": command}))["job_id"]
+            seen = await _call(client, "job_wait", {"job_id": job, "pattern": r"n30\b", "timeout": 60})
+            assert seen["wait"]["reason"] == "match", seen
+            killed = _remote(sandbox, "web1", f"pkill -f 'tail -c .*{job}[.]out' && echo killed")
+            assert killed.strip() == "killed"
+            seen = await _call(client, "job_wait", {"job_id": job, "pattern": r"n200\b", "timeout": 60})
+            assert seen["wait"]["reason"] == "match", seen
+            await _call(client, "job_input", {"job_id": job, "text": "x", "keys": ["Enter"]})
+            done = await _call(client, "job_wait", {"job_id": job, "timeout": 60})
+            assert done["done"] and done["job"]["status"] == "succeeded", done
+            found["data"] = await _all_output(client, job)
+
+    try:
+        anyio.run(session)
+    finally:
+        context.close()
+    expected = _expected("n1", range(2, 201), "n") + b"x\r\nend:x\r\n"
+    same = hashlib.sha256(found["data"]).digest() == hashlib.sha256(expected).digest()
+    assert same, _first_difference(found["data"], expected)
+
+
 def test_read_output_is_punched_out_of_the_host_file(sandbox: Sandbox, workdir: Path) -> None:
     """80 MB through a job: the host's file keeps its size (offsets stay valid) but not its blocks."""
     config = _config(sandbox, workdir, "pipe")
