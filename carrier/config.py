@@ -27,6 +27,8 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from carrier.ansible.strategy import DEFAULT_STRATEGY, STRATEGIES
 from carrier.errors import ConfigError
+from carrier.jobs.ptyoutputs import DEFAULT_OUTPUT as TMUX_OUTPUT
+from carrier.jobs.ptyoutputs import OUTPUTS as TMUX_OUTPUTS
 
 TlsMode = Literal["implicit", "starttls", "none"]
 MailAuth = Literal["password", "oauth2"]
@@ -352,6 +354,13 @@ class AnsibleSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PtySettings:
+    #: How tmux-backed PTY jobs' output reaches Carrier: ``pipe`` (raw bytes, ``carrier.jobs.ptypipe``)
+    #: or ``control`` (tmux control mode's escaped ``%output``).
+    tmux_output: str = TMUX_OUTPUT
+
+
+@dataclass(frozen=True, kw_only=True)
 class MailSettings:
     #: Where ``mail_attachment_get(save_to=...)`` may write and ``mail_send`` attachments by path
     #: may be read from; ``None`` in the file means ``<state_dir>/downloads``.
@@ -428,6 +437,7 @@ class Config:
     secret_refs: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
     execution_nodes: tuple[ExecutionNode, ...] = ()
     ansible: AnsibleSettings = field(default_factory=AnsibleSettings)
+    pty: PtySettings = field(default_factory=PtySettings)
 
     @property
     def default_account(self) -> MailAccount:
@@ -1355,6 +1365,7 @@ def _execution_nodes(value: Any, at: _At) -> tuple[ExecutionNode, ...]:
 
 
 _ANSIBLE: Mapping[str, _F] = {"strategy": _F(_choice(*STRATEGIES), DEFAULT_STRATEGY)}
+_PTY: Mapping[str, _F] = {"tmux_output": _F(_choice(*TMUX_OUTPUTS), TMUX_OUTPUT)}
 _TOP: Mapping[str, _F] = {
     "state_dir": _F(_path),
     "inventory": _F(_inventory, _REQUIRED, "set it to an Ansible inventory file or directory"),
@@ -1377,6 +1388,7 @@ _TOP: Mapping[str, _F] = {
     "secrets": _F(_secrets, MappingProxyType({})),
     "execution_nodes": _F(_execution_nodes, ()),
     "ansible": _F(_section(AnsibleSettings, _ANSIBLE), AnsibleSettings()),
+    "pty": _F(_section(PtySettings, _PTY), PtySettings()),
 }
 
 

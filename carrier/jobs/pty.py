@@ -31,7 +31,7 @@ from typing import Any
 from carrier.ansible.errors import SshError
 from carrier.ansible.inventory import HostConn
 from carrier.ansible.ssh import SshControl
-from carrier.jobs import tmuxctl
+from carrier.jobs import ptypipe, tmuxctl
 from carrier.jobs.ptybase import (
     DEFAULT_COLS,
     DEFAULT_ROWS,
@@ -54,7 +54,7 @@ from carrier.jobs.ptybase import (
 )
 from carrier.jobs.ptylog import DEFAULT_DISK, DEFAULT_MEMORY, OutputLog
 from carrier.jobs.ptyproc import ProcessPtyJob
-from carrier.jobs.ptytmux import TmuxPtyJob
+from carrier.jobs.ptytmux import TmuxPtyJob, quiet_pane
 from carrier.jobs.screen import ScreenView
 
 __all__ = [
@@ -98,7 +98,8 @@ class PtyRunner:
     """Starts and re-attaches PTY jobs; keeps one tmux control connection per host while it has jobs.
 
     ``ssh`` is the ControlMaster manager (None: local jobs only). ``tmux_socket`` names the tmux
-    server on every host (one per host and remote user).
+    server on every host (one per host and remote user). ``tmux_output`` is how tmux jobs' bytes
+    reach us: ``pipe`` (raw, ``carrier.jobs.ptypipe``) or ``control`` (tmux's ``%output``).
     """
 
     def __init__(
@@ -108,9 +109,11 @@ class PtyRunner:
         tmux_socket: str = tmuxctl.DEFAULT_SOCKET,
         memory_bytes: int = DEFAULT_MEMORY,
         disk_bytes: int = DEFAULT_DISK,
+        tmux_output: str = ptypipe.DEFAULT_OUTPUT,
     ) -> None:
         self.ssh = ssh
         self.tmux_socket = tmuxctl.check_socket_name(tmux_socket)
+        self.tmux_output = ptypipe.check_output(tmux_output)
         self.memory_bytes = memory_bytes
         self.disk_bytes = disk_bytes
         self._lock = threading.Lock()
@@ -256,6 +259,16 @@ class PtyRunner:
         except (OSError, SshError, subprocess.TimeoutExpired):
             return None
 
+    def _run_on_host(self, host: HostConn, script: str) -> bool:
+        """Best effort: a small fixed script on ``host`` (over its master, or locally)."""
+        try:
+            argv = self._argv_for(host)(shlex.join(["sh", "-c", script]))
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=20, check=False)
+        except (OSError, PtyError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
     def _remote_kill(self, host: HostConn, job_id: str, name: str) -> bool:
         done = self._remote(host, PLAIN_KILL, job_id, name)
         return done is not None and done.returncode == 0
@@ -279,18 +292,63 @@ class PtyRunner:
                         raise PtyError(f"host {host.name}: cannot create the job's tmux session: "
                                        f"{exc}") from exc
             job = TmuxPtyJob(spec, self._log(run_dir), self, host, server, pane)
+            pipe = self.tmux_output == "pipe" and self._pipes(host.name) < ptypipe.MAX_PIPES_PER_HOST
             self._track(host.name, job)
+        if pipe:
+            self._open_pipe(job, host, run_dir, 0, fresh=True)
         server.register(pane.pane, pane.window, job)
         try:
             server.spawn(pane.pane, spec.job_id, spec.text, term=spec.term)
             job.pane_pid = server.pane_info(pane.pane).pid
         except tmuxctl.TmuxError as exc:
             server.unregister(pane.pane)
+            job._remove_pipe_files()
             with contextlib.suppress(tmuxctl.TmuxError):
                 server.kill_pane(pane.pane, spec.job_id)
+            job._drain_pipe()
             self._release(host.name, job)
             raise PtyError(f"host {host.name}: cannot start the program in tmux: {exc}") from exc
         return job.watch()
+
+    def _pipes(self, host: str) -> int:
+        """Pipe readers (ssh channels) this runner has open to ``host``."""
+        with self._lock:
+            entry = self._servers.get(host)
+            jobs = list(entry.jobs.values()) if entry is not None else []
+        return sum(1 for j in jobs if isinstance(j, TmuxPtyJob) and j.output_mode == "pipe")
+
+    def _open_pipe(self, job: TmuxPtyJob, host: HostConn, run_dir: Path, start: int, *, fresh: bool) -> bool:
+        """Switch ``job`` to pipe output (False: it stays on control mode, say why in the log).
+        ``fresh``: a new job, whose pane gets its pipe-pane now (before the program runs)."""
+        stderr = self.ssh.log_dir / f"pipe-{host.name}.log" if self.ssh is not None else None
+        try:
+            argv = self._argv_for(host)(ptypipe.reader_command(job.job_id, start))
+        except PtyError as exc:
+            log.warning("pty pipe output unavailable", extra={"job": job.job_id, "error": str(exc)})
+            return False
+        reader = ptypipe.PipeReader(argv, name=f"{host.name}/{job.job_id}", stderr_path=stderr)
+        header = reader.open()
+        if not header.ok or not header.punch:
+            why = header.detail or "the host cannot punch holes in files (fallocate) or has no GNU tail"
+            log.warning("pty pipe output unavailable: control mode", extra={"job": job.job_id, "error": why})
+            if header.ok:
+                reader.drop()
+            return False
+        lines = [quiet_pane(job.pane)]
+        if fresh:
+            lines.append(f"pipe-pane -O -t {tmuxctl.quote(job.pane)} "
+                         f"{tmuxctl.quote(ptypipe.pipe_command(job.job_id))}")
+        try:
+            job.server.commands(lines)
+        except tmuxctl.TmuxError as exc:
+            log.warning("pty pipe output unavailable: control mode",
+                        extra={"job": job.job_id, "error": str(exc)})
+            reader.drop()
+            with contextlib.suppress(tmuxctl.TmuxError):
+                job.server.command(f"refresh-client -A {tmuxctl.quote(job.pane + ':on')}")
+            return False
+        job.attach_pipe(reader, ptypipe.OffsetFile(run_dir), start)
+        return True
 
     def reattach(self, job_id: str, host: HostConn, run_dir: Path, *, observer: bool = False) -> TmuxPtyJob:
         """Find a tmux-backed job again by its id (after a restart, or from another process with
@@ -306,11 +364,23 @@ class PtyRunner:
         try:
             pane = server.pane_info(f"={job_id}:")
         except tmuxctl.TmuxError as exc:
+            if state.get("output") == "pipe" and not observer:
+                self._run_on_host(host, ptypipe.cleanup_script(job_id))  # nothing will read it now
             raise PtyError(f"job {job_id}: its tmux session is gone from {host.name}") from exc
         output = self._log(run_dir, readonly=observer)
         job = TmuxPtyJob(spec, output, self, host, server, pane, observer=observer)
         job.cols, job.rows = pane.cols, pane.lines
         self._track(host.name, job)
+        if state.get("output") == "pipe" and not observer:
+            # The file on the host holds what the program printed meanwhile: read on from the
+            # byte last kept (an observer reads the log its supervisor writes instead).
+            start = ptypipe.resume_at(ptypipe.OffsetFile(run_dir).load(), output.end)
+            if not self._open_pipe(job, host, run_dir, start, fresh=False):
+                log.warning("pty job re-attached without its pipe output: what it printed while "
+                            "no Carrier read is not in the log", extra={"job": job_id})
+                with contextlib.suppress(tmuxctl.TmuxError):  # the file would only grow now
+                    server.commands([f"pipe-pane -t {tmuxctl.quote(pane.pane)}",
+                                     f"run-shell {tmuxctl.quote(ptypipe.cleanup_script(job_id))}"])
         server.register(pane.pane, pane.window, job)
         if not observer:
             job.on_exit(lambda j: self._save_end(run_dir, j))
@@ -338,7 +408,8 @@ class PtyRunner:
 
     def _save_state(self, run_dir: Path, spec: PtySpec, job: PtyJob) -> None:
         state = {"version": 1, "job": spec.job_id, "host": spec.host, "mode": job.mode, "term": spec.term,
-                 "cols": spec.cols, "rows": spec.rows, "socket": self.tmux_socket, "started_at": time.time()}
+                 "cols": spec.cols, "rows": spec.rows, "socket": self.tmux_socket, "started_at": time.time(),
+                 "output": job.output_mode if isinstance(job, TmuxPtyJob) else "pty"}
         _write_json(run_dir / STATE_FILE, state)
 
     def _save_end(self, run_dir: Path, job: PtyJob) -> None:

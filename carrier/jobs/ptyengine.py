@@ -96,7 +96,7 @@ class PtyEngine:
 
     def __init__(self, inventory: Inventory, ssh: SshControl, *, runner: PtyRunner | None = None,
                  memory_bytes: int | None = None, disk_bytes: int | None = None,
-                 secrets: Callable[[str], str] | None = None) -> None:
+                 secrets: Callable[[str], str] | None = None, tmux_output: str | None = None) -> None:
         self.inventory = inventory
         self.ssh = ssh
         #: Reads a named secret's value (for ``auto_sudo``); None: no secrets in this job system.
@@ -106,6 +106,8 @@ class PtyEngine:
             kwargs["memory_bytes"] = memory_bytes
         if disk_bytes is not None:
             kwargs["disk_bytes"] = disk_bytes
+        if tmux_output is not None:
+            kwargs["tmux_output"] = tmux_output
         self.runner = runner or PtyRunner(ssh, **kwargs)
         self._lock = threading.Lock()
         self._live: dict[str, PtyJob] = {}

@@ -5,6 +5,10 @@ from ``capture-pane``; keys go by tmux key names (tmux knows the pane's cursor-k
 
 A watcher thread per job notices the end (the wrapper's end marker, a pane-died hint, or a poll
 each second), reads the status tmux recorded, keeps the last screen and removes the pane.
+
+With ``pty.tmux_output: pipe`` (``carrier.jobs.ptypipe``) the job's bytes come raw from the file
+tmux's ``pipe-pane`` appends to, over a reader channel of its own; the control connection then
+gets no ``%output`` for the pane (``refresh-client -A <pane>:off``) and serves the rest as before.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from carrier.ansible.inventory import HostConn
 from carrier.jobs import keys as keymod
-from carrier.jobs import tmuxctl
+from carrier.jobs import ptypipe, tmuxctl
 from carrier.jobs.ptybase import ExitInfo, PtyError, PtyJob, PtySpec, signame, status_from_shell
 from carrier.jobs.ptylog import OutputLog
 from carrier.jobs.screen import ScreenView
@@ -29,6 +33,15 @@ log = logging.getLogger(__name__)
 
 #: Seconds a possible start of the end marker is held back before it counts as plain output.
 _HOLD_MAX = 0.1
+#: Seconds an ended pipe-output job waits for the last bytes of the host's file.
+_DRAIN_TIMEOUT = 10.0
+#: New readers a job gets when its reader channel goes away while the program runs.
+_PIPE_RETRIES = 5
+
+
+def quiet_pane(pane: str) -> str:
+    """The tmux command that stops ``%output`` of ``pane`` to this control client (pipe output)."""
+    return f"refresh-client -A {tmuxctl.quote(pane + ':off')}"
 
 
 class TmuxPtyJob(PtyJob):
@@ -53,8 +66,18 @@ class TmuxPtyJob(PtyJob):
         self._hint = threading.Event()
         self._fast_until = 0.0
         self._stop = threading.Event()
-        self._feed_lock = threading.Lock()
+        self._feed_lock = threading.RLock()
         self._watcher: threading.Thread | None = None
+        #: ``pipe`` (raw bytes from the host's pipe-pane file) or ``control`` (``%output``).
+        self.output_mode = "control"
+        self._pipe: ptypipe.PipeReader | None = None
+        self._offsets: ptypipe.OffsetFile | None = None
+        self._consumed = 0  # bytes of the host's file handed to on_output
+        self._punched = 0
+        self._stream_marker = False  # the end marker came in the output itself
+        self._pipe_retries = 0
+        self._released = False
+        self._release_lock = threading.Lock()
 
     # ----------------------------------------------------------------- PaneSink (reader thread)
 
@@ -70,11 +93,10 @@ class TmuxPtyJob(PtyJob):
                     self._hold = buf[idx:]
                     return
                 self._emit(buf[:idx])
+                self._stream_marker = True
                 digits = buf[idx + len(self._mark):end] if end >= 0 else b""
                 self.marker_status = int(digits) if digits.isdigit() else -1
-                if not self.observer:
-                    with contextlib.suppress(tmuxctl.TmuxError):
-                        self.server.release(self.job_id)
+                self._release_wrapper()
                 self._fast_until = time.monotonic() + 5.0
                 self._hint.set()
                 if end >= 0:
@@ -113,6 +135,80 @@ class TmuxPtyJob(PtyJob):
     def on_hint(self) -> None:
         self._hint.set()
 
+    def _release_wrapper(self) -> None:
+        """Let the wrapper exit (its end marker was seen, or its status recorded), exactly once: a
+        second ``wait-for -S`` before the wrapper waits would delete the channel's wake-up (tmux
+        removes a woken channel nobody waits on), and the wrapper would wait for ever. The reader
+        (marker) and the watcher (status option) may both get here."""
+        if self.observer:
+            return
+        with self._release_lock:
+            if self._released:
+                return
+            try:
+                self.server.release(self.job_id)
+            except tmuxctl.TmuxError as exc:
+                log.info("pty release not sent: tried again", extra={"job": self.job_id, "error": str(exc)})
+                return
+            self._released = True
+
+    # ----------------------------------------------------------------- pipe output (reader thread)
+
+    def attach_pipe(self, reader: ptypipe.PipeReader, offsets: ptypipe.OffsetFile, start: int) -> None:
+        """Take the output from ``reader`` (which starts at byte ``start`` of the host's file)."""
+        self.output_mode = "pipe"
+        self._pipe = reader
+        self._offsets = offsets
+        self._consumed = self._punched = start
+        offsets.save(self._pipe_offset())
+        reader.go(self.on_pipe, self._hint.set)
+
+    def _pipe_offset(self) -> ptypipe.PipeOffset:
+        # Bytes still held back (a possible marker or secret start) are read again after a restart.
+        return ptypipe.PipeOffset(self._consumed - len(self._hold) - len(self._held), self.log.end)
+
+    def on_pipe(self, data: bytes) -> None:
+        with self._feed_lock:
+            self.on_output(data)
+            self._consumed += len(data)
+            saved = self._pipe_offset()
+            if self._offsets is not None:
+                self._offsets.save(saved)
+        if self._pipe is not None and saved.host - self._punched >= ptypipe.PUNCH_EVERY:
+            self._punched = saved.host
+            self._pipe.punch(saved.host)
+
+    def _resume_pipe(self) -> None:
+        """A new reader from the first byte not yet taken (a dropped channel loses nothing); after
+        ``_PIPE_RETRIES`` the job goes on in control mode (output printed meanwhile is not read)."""
+        offsets = self._offsets
+        start = self._consumed
+        self._close_pipe()
+        self._pipe_retries += 1
+        log.warning("pty pipe reader ended while the job runs: reading again",
+                    extra={"job": self.job_id, "offset": start, "attempt": self._pipe_retries})
+        if offsets is not None and self._pipe_retries <= _PIPE_RETRIES and \
+                self.runner._open_pipe(self, self.host, offsets.path.parent, start, fresh=False):
+            return
+        log.warning("pty pipe output given up: control mode", extra={"job": self.job_id})
+        self.output_mode = "control"
+        with contextlib.suppress(tmuxctl.TmuxError):
+            self.server.command(f"refresh-client -A {tmuxctl.quote(self.pane + ':on')}")
+
+    def _close_pipe(self) -> None:
+        """Stop the reader and save where it got to (the host's file stays for a re-attach)."""
+        reader = self._pipe
+        if reader is None:
+            return
+        reader.close()
+        with self._feed_lock:
+            self._pipe = None
+            if self._offsets is not None:
+                with contextlib.suppress(OSError):
+                    self._offsets.save(self._pipe_offset())
+                self._offsets.close()
+                self._offsets = None
+
     def on_link_lost(self) -> None:
         self._hint.set()
 
@@ -142,6 +238,10 @@ class TmuxPtyJob(PtyJob):
                 info = self.server.pane_info(self.pane)
             except tmuxctl.TmuxError as exc:
                 if self._gone(exc):
+                    if self._pipe is not None:
+                        self._pipe.wait_end(_DRAIN_TIMEOUT)  # its writer is gone: what is left comes
+                        self._close_pipe()
+                        self._remove_pipe_files()
                     self._finish(ExitInfo("lost", None, None, "the job's tmux pane is gone "
                                           "(its tmux server was stopped)"), None)
                     self.server.unregister(self.pane)
@@ -154,14 +254,16 @@ class TmuxPtyJob(PtyJob):
                 time.sleep(1.0)
                 continue
             self.pane_pid = info.pid
+            if self._pipe is not None and self._pipe.ended.is_set() and not info.dead and not self.observer:
+                self._resume_pipe()  # the reader's channel went away while the pane runs
             if not info.dead and info.ended is not None and self.marker_status is None:
                 # The command ended while no Carrier listened (the marker went by): let the
                 # wrapper go; its own end follows.
                 self.marker_status = info.ended
-                if not self.observer:
-                    with contextlib.suppress(tmuxctl.TmuxError):
-                        self.server.release(self.job_id)
+                self._release_wrapper()
                 self._fast_until = time.monotonic() + 5.0
+            elif not info.dead and info.ended is not None and not self._released:
+                self._release_wrapper()  # the first try could not be sent
             if not info.dead:
                 if time.monotonic() < self._fast_until:
                     time.sleep(0.03)  # an end is expected (marker seen, signal sent): look again soon
@@ -188,6 +290,8 @@ class TmuxPtyJob(PtyJob):
 
     def _reconnect(self) -> None:
         self.server = self.runner._server(self.host)
+        if self.output_mode == "pipe":
+            self.server.command(quiet_pane(self.pane))  # before any %output of it could reach us
         self.server.register(self.pane, self.window, self)
 
     def _conclude(self, info: tmuxctl.PaneInfo) -> None:
@@ -202,16 +306,41 @@ class TmuxPtyJob(PtyJob):
         screen: ScreenView | None = None
         with contextlib.suppress(tmuxctl.TmuxError):
             screen = self._capture()
+        self.server.unregister(self.pane)
+        if not self.observer:
+            # The pipe's file goes first (tail and cat keep reading and writing it by their open
+            # descriptors): once the pane is gone, another Carrier may stop the emptied server.
+            self._remove_pipe_files()
+            with contextlib.suppress(tmuxctl.TmuxError):
+                self.server.kill_pane(self.pane, self.job_id)
+        self._drain_pipe()
         if self._hold:
             with self._feed_lock:
                 held, self._hold = self._hold, b""
             self._emit(held)
-        self.server.unregister(self.pane)
-        if not self.observer:
-            with contextlib.suppress(tmuxctl.TmuxError):
-                self.server.kill_pane(self.pane, self.job_id)
         self._finish(exit_info, screen)
         self.runner._release(self.host.name, self)
+
+    def _drain_pipe(self) -> None:
+        """Pipe output: everything the pane printed is read before the end is recorded (the end
+        marker in the stream says so; else the reader ends once the pane's pipe is closed), then
+        the host's file is removed."""
+        reader = self._pipe
+        if reader is None:
+            return
+        if not self._stream_marker and not reader.wait_end(_DRAIN_TIMEOUT):
+            log.warning("pty pipe output not drained", extra={"job": self.job_id})
+        self._close_pipe()
+
+    def _remove_pipe_files(self) -> None:
+        """Remove the job's pipe file on the host (by its tmux server, else over ssh)."""
+        if self.output_mode != "pipe" or self.observer:
+            return
+        script = ptypipe.cleanup_script(self.job_id)
+        try:
+            self.server.command(f"run-shell {tmuxctl.quote(script)}")
+        except tmuxctl.TmuxError:
+            self.runner._run_on_host(self.host, script)
 
     # ----------------------------------------------------------------- operations
 
@@ -273,6 +402,7 @@ class TmuxPtyJob(PtyJob):
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(5.0)
         self.server.unregister(self.pane)
+        self._close_pipe()
         self.log.close()
         self.runner._release(self.host.name, self)
 

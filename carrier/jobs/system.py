@@ -18,6 +18,7 @@ from carrier.config import Config, ExecutionNode
 from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
 from carrier.jobs.manager import Engine, Manager
 from carrier.jobs.ptyengine import PtyEngine
+from carrier.jobs.ptyoutputs import DEFAULT_OUTPUT
 from carrier.nodes.pool import NodePool
 from carrier.store import Store, jobruns
 
@@ -42,18 +43,18 @@ class JobSystem:
 def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
                         playbook_dirs: Sequence[Path], *, secrets: Callable[[str], str] | None = None,
                         execution_nodes: Sequence[ExecutionNode] = (), strategy: str = DEFAULT_STRATEGY,
-                        **manager_options: Any) -> JobSystem:
+                        tmux_output: str = DEFAULT_OUTPUT, **manager_options: Any) -> JobSystem:
     """The one place the engines are put together: playbook, adhoc, exec and pty, sharing one
     inventory, one set of ssh masters and the execution nodes (ConfigError for a node the inventory
-    cannot back). ``strategy`` is ``ansible.strategy``; ``manager_options`` go to ``Manager``
-    (limits, poll)."""
+    cannot back). ``strategy`` is ``ansible.strategy``, ``tmux_output`` is ``pty.tmux_output``;
+    ``manager_options`` go to ``Manager`` (limits, poll)."""
     inventory = Inventory(inventory_path)
     catalog = Catalog(playbook_dirs)
     ssh = SshControl(state_dir)
     # Placement among nodes looks at what runs on each, store-wide.
     nodes = NodePool.build(execution_nodes, inventory,
                            running=functools.partial(jobruns.running_on_nodes, store))
-    pty = PtyEngine(inventory, ssh, secrets=secrets)
+    pty = PtyEngine(inventory, ssh, secrets=secrets, tmux_output=tmux_output)
     engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog, secrets=secrets, nodes=nodes,
                                             strategy=strategy),
                              AdhocEngine(inventory, ssh, secrets=secrets, nodes=nodes, strategy=strategy),
@@ -68,6 +69,7 @@ def build_job_system(config: Config, store: Store) -> JobSystem:
         store, config.state_dir, config.inventory, config.playbook_dirs,
         secrets=functools.partial(secretstore.lookup, config),
         strategy=config.ansible.strategy,
+        tmux_output=config.pty.tmux_output,
         max_jobs=config.limits.max_jobs,
         max_jobs_per_host=config.limits.max_jobs_per_host,
         output_max_bytes=config.limits.output_max_bytes,
