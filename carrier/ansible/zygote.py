@@ -133,6 +133,20 @@ def socket_path(state_dir: Path, key: str) -> Path:
     return zygote_dir(state_dir) / f"{key[:24]}.sock"
 
 
+def live_zygotes(state_dir: Path) -> list[int]:
+    """The pids of the warm workers serving ``state_dir`` now (from their ``.pid`` files)."""
+    from carrier.procid import process_start
+
+    found = []
+    for pid_file in sorted(zygote_dir(state_dir).glob("*.pid")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().strip())
+            sock = pid_file.with_suffix(".sock")
+            if process_start(pid) is not None and sock.exists():
+                found.append(pid)
+    return found
+
+
 # --------------------------------------------------------------------------- Carrier's side
 
 
@@ -348,6 +362,8 @@ class Zygote:
         listener.listen(16)
         listener.settimeout(CHECK_EVERY)
         inode = self.path.stat().st_ino
+        pid_file = self.path.with_suffix(".pid")
+        pid_file.write_text(f"{os.getpid()}\n")  # who serves this socket (its forks share its argv)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print(f"carrier zygote {os.getpid()}: ready on {self.path}", file=sys.stderr, flush=True)
         try:
@@ -371,6 +387,7 @@ class Zygote:
             with contextlib.suppress(OSError):
                 if self.path.stat().st_ino == inode:
                     self.path.unlink()
+                    pid_file.unlink()
             listener.close()
 
     def _reap(self) -> None:
