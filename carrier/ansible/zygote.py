@@ -39,6 +39,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from carrier.ansible.errors import EngineError
 
@@ -307,8 +308,10 @@ def _import_env(kind: str, where: Path, env: Mapping[str, str]) -> dict[str, str
 
 def _preload() -> None:
     """Import what every run needs: ansible-runner, the CLIs, executor, strategies, connections."""
-    import ansible_runner
-    import ansible_runner.display_callback.callback.awx_display  # noqa: F401
+    import ansible_runner  # noqa: F401
+
+    # Not ansible-runner's awx_display callback: importing it patches Ansible's Display, and the
+    # plugin loader loads it again (as another module) in the run, so Display would be patched twice.
     from ansible.cli import adhoc, playbook  # noqa: F401
     from ansible.executor import playbook_executor, task_executor, task_queue_manager  # noqa: F401
     from ansible.plugins.action import command, normal  # noqa: F401
@@ -317,6 +320,50 @@ def _preload() -> None:
 
     with contextlib.suppress(ImportError):  # Mitogen is optional (ansible.strategy: linear)
         import ansible_mitogen.strategy  # noqa: F401
+    _warm_caches()
+
+
+def _memo(function: Any) -> Any:
+    """``function`` (pure: its result depends on its first argument only) remembered by that
+    argument; each call gets its own copy, so no run sees another's changes."""
+    import copy
+
+    seen: dict[object, Any] = {}
+
+    def remembered(data: Any, *args: Any) -> Any:
+        if data not in seen:
+            seen[data] = function(data, *args)
+        return copy.deepcopy(seen[data])
+
+    return remembered
+
+
+def _warm_caches() -> None:
+    """Work every run repeats on the same input, done once here (the input is part of the installed
+    versions, so of the key): the YAML of ansible.builtin's routing (``ansible_builtin_runtime.yml``,
+    through the parser hook Ansible provides for caching, ``_meta_yml_to_dict``), and Mitogen's
+    minified sources it sends to each host (``mitogen.minify.minimize_source``, core's included)."""
+    import ansible
+    from ansible.utils.collection_loader import _collection_finder
+
+    _collection_finder._meta_yml_to_dict = _memo(_collection_finder._meta_yml_to_dict)
+    builtin = Path(ansible.__file__).parent / "config" / "ansible_builtin_runtime.yml"
+    _collection_finder._meta_yml_to_dict(builtin.read_bytes(), ("ansible.builtin", "runtime.yml"))
+    try:
+        import ansible_mitogen
+        import mitogen.master
+        import mitogen.minify
+        import mitogen.parent
+    except ImportError:
+        return
+    mitogen.minify.minimize_source = _memo(mitogen.minify.minimize_source)
+    mitogen.parent.get_core_source_partial()
+    marker = mitogen.master.ModuleResponder.minify_safe_re
+    for package in (mitogen, ansible_mitogen):
+        for path in sorted(Path(str(package.__file__)).parent.rglob("*.py")):
+            source = path.read_bytes()
+            if marker.search(source):
+                mitogen.minify.minimize_source(source)
 
 
 class Zygote:

@@ -108,7 +108,11 @@ def test_cli_process_runs_a_playbook_warm_and_the_worker_outlives_it(config: Pat
     assert view["status"] == "succeeded"
     assert view["message"] == "succeeded: web1 ok=5 changed=2; web2 ok=5 changed=2"
     state = workdir / "state"
-    assert started(stored_events(state, view["id"]))["worker"] == "warm"
+    events = stored_events(state, view["id"])
+    assert started(events)["worker"] == "warm"
+    ansible = [e for e in events if str(e["type"]).startswith("ansible.")]
+    assert ansible[-1]["type"] == "ansible.playbook_on_stats"  # the recap is in the stats event
+    assert "PLAY RECAP" in str(ansible[-1]["data"]["stdout"])  # type: ignore[index]
     assert len(zygotes(state)) == 1  # started by that CLI run, still there for the next one
     sockets = list(zygote_dir(state).glob("*.sock"))
     assert len(sockets) == 1 and sockets[0].stat().st_mode & 0o777 == 0o600
