@@ -60,7 +60,7 @@ KINDS = ("playbook", "adhoc")
 #: ``ansible.worker`` in carrier.yml: ``warm`` (this module) or ``cold`` (a new interpreter per run).
 WORKERS = ("warm", "cold")
 #: Chosen by measurement (tests/bench/RESULTS.md) and by the integration tests passing with it.
-DEFAULT_WORKER = "cold"
+DEFAULT_WORKER = "warm"
 
 
 def check_worker(value: object) -> str:

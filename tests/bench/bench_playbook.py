@@ -67,24 +67,33 @@ TWENTY = "- name: Twenty tasks\n  hosts: all\n  gather_facts: false\n  tasks:\n"
 PLAYS = {"five": PLAY, "twenty": TWENTY}
 #: Bare ``ansible-playbook`` variants with Carrier's environment (strategy differs).
 TUNED = ("linear", "free", "mitogen")
-#: Why ``ansible.strategy`` defaults to what it does (carrier.ansible.strategy.DEFAULT_STRATEGY):
-#: the measurement below and the integration runs with it as the default. Update both together.
+#: Why ``ansible.strategy`` and ``ansible.worker`` default to what they do
+#: (carrier.ansible.strategy.DEFAULT_STRATEGY, carrier.ansible.zygote.DEFAULT_WORKER): the
+#: measurement below and the integration runs with them as the defaults. Update both together.
 DEFAULT_CHOICE = (
-    "**The default, `ansible.strategy: mitogen`**, chosen by this measurement (the fastest setting on"
-    " both plays, and the only one whose gain grows with the number of tasks) and by the integration "
-    "tests passing with it as the default (2026-12-07, 176 tests in four batches on this machine: "
-    "test_ansible_engine, test_ansible_strategy_runs, test_jobs_ansible, test_jobs_cli, test_cli, "
-    "test_approvals, test_secrets_become, test_nodes, test_controller_refused, test_mcp_ops, "
-    "test_mcp_http, test_mcp_http_remote, test_mcp_http_inspector, test_ops_matrix, "
-    "test_remote_token, test_email_door, test_command_policy, test_schedule_doors, "
-    "test_schedule_mail, test_enrollment_by_mail: events, recap, check/diff, become, cancel, timeout,"
-    " unreachable hosts, unknown host keys, restart re-attach, execution nodes, approvals, playbooks "
-    "by signed mail and by schedule; all passed, none changed for it). Runs Carrier keeps on `linear`"
-    " whatever the setting: jobs on an execution node (the node's ansible-runner has no Mitogen), "
-    "runs of a role with a `become_secret` (the password stays on Ansible's own become path) and ad-"
-    "hoc `raw` (Mitogen needs Python on the host). Left for the other levers of issue 16: what "
-    "remains of the 5-task play is mostly `ansible-playbook`'s own start-up (imports, plugin loading,"
-    " inventory) on the controller, which no strategy changes."
+    "**The defaults, `ansible.strategy: mitogen` and `ansible.worker: warm`**, chosen by this "
+    "measurement (Mitogen: the fastest strategy on both plays, and the only one whose gain grows with"
+    " the number of tasks; the warm worker: faster than the cold one on both plays, by about the "
+    "controller's start-up) and by the integration tests passing with them as the defaults. "
+    "Mitogen: 2026-12-07, 176 tests in four batches (events, recap, check/diff, become, cancel, "
+    "timeout, unreachable hosts, unknown host keys, restart re-attach, execution nodes, approvals, "
+    "playbooks by signed mail and by schedule). The warm worker: 2026-12-07, 142 tests in three "
+    "batches on this machine (test_ansible_engine, test_ansible_strategy_runs, test_jobs_ansible, "
+    "test_jobs_cli, test_cli, test_approvals, test_secrets_become, test_nodes, "
+    "test_controller_refused, test_mcp_ops, test_email_door, test_schedule_doors and "
+    "test_warm_worker: a CLI process and a real MCP client running warm, a Carrier restart with the "
+    "warm worker killed mid-run, cancel, the socket refusing another uid and bad requests); they "
+    "found one difference, fixed before this run: pre-importing ansible-runner's callback patched "
+    "Ansible's Display twice, so the recap came as verbose events after `playbook_on_stats`. Runs "
+    "Carrier keeps on `linear` whatever the setting: jobs on an execution node (the node's "
+    "ansible-runner has no Mitogen; they also start cold), runs of a role with a `become_secret` "
+    "(the password stays on Ansible's own become path; with the warm worker it reaches the run over "
+    "the 0600 socket instead of a pipe, then the same FIFO) and ad-hoc `raw` (Mitogen needs Python "
+    "on the host). What the warm worker does not remove: per run, ansible-runner's set-up, Ansible "
+    "parsing the inventory and the playbook and loading its plugins (kept per run on purpose: a "
+    "changed inventory, playbook or ansible.cfg is read again), and Mitogen starting one Python per "
+    "host, which is the first task's time; on this 2-core machine with the hosts on it, that and the"
+    " tasks themselves are what stands between the default and 0.4x."
 )
 #: Carrier's rows: the strategy by the playbook's catalog ``strategy:``, the worker
 #: (``ansible.worker``) set on the engine for the run.
