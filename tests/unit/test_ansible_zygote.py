@@ -82,3 +82,19 @@ def test_the_key_changes_with_environment_configuration_and_kind_not_per_run_val
     assert with_cfg != key
     os.utime(tmp_path / "ansible.cfg", ns=(1, 1))
     assert zygote_key(env, tmp_path, "playbook") != with_cfg
+
+
+def test_the_key_changes_with_the_versions_and_carriers_code(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from carrier.ansible import zygote
+
+    env = {"PATH": "/usr/bin"}
+    key = zygote_key(env, tmp_path, "playbook")
+    versions = zygote._versions()
+    monkeypatch.setattr(zygote, "_versions", lambda: {**versions, "ansible-core": "9.9.9"})
+    assert zygote_key(env, tmp_path, "playbook") != key
+    monkeypatch.undo()
+    stamp = zygote._code_stamp()
+    assert any(name == "ansible/zygote.py" for name, _, _ in stamp)  # Carrier's own files are in it
+    monkeypatch.setattr(zygote, "_code_stamp", lambda: [*stamp[:-1], (stamp[-1][0], 1, 1)])
+    assert zygote_key(env, tmp_path, "playbook") != key
