@@ -26,6 +26,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from carrier.ansible.strategy import DEFAULT_STRATEGY, STRATEGIES
+from carrier.ansible.zygote import DEFAULT_WORKER, WORKERS
 from carrier.errors import ConfigError
 from carrier.jobs.ptyoutputs import DEFAULT_OUTPUT as TMUX_OUTPUT
 from carrier.jobs.ptyoutputs import OUTPUTS as TMUX_OUTPUTS
@@ -351,6 +352,9 @@ class AnsibleSettings:
     #: The Ansible strategy of playbook and ad-hoc runs (``carrier.ansible.strategy``); a playbook's
     #: catalog metadata may name its own.
     strategy: str = DEFAULT_STRATEGY
+    #: ``warm``: runs are forked from a pre-imported worker (``carrier.ansible.zygote``); ``cold``:
+    #: a new interpreter per run.
+    worker: str = DEFAULT_WORKER
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1364,7 +1368,8 @@ def _execution_nodes(value: Any, at: _At) -> tuple[ExecutionNode, ...]:
     return nodes
 
 
-_ANSIBLE: Mapping[str, _F] = {"strategy": _F(_choice(*STRATEGIES), DEFAULT_STRATEGY)}
+_ANSIBLE: Mapping[str, _F] = {"strategy": _F(_choice(*STRATEGIES), DEFAULT_STRATEGY),
+                              "worker": _F(_choice(*WORKERS), DEFAULT_WORKER)}
 _PTY: Mapping[str, _F] = {"tmux_output": _F(_choice(*TMUX_OUTPUTS), TMUX_OUTPUT)}
 _TOP: Mapping[str, _F] = {
     "state_dir": _F(_path),

@@ -160,10 +160,13 @@ def _package_parent() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def start_worker(run_dir: Path, spec: RunSpec, *, become_password: str | None = None) -> ProcessId:
+def start_worker(run_dir: Path, spec: RunSpec, *, become_password: str | None = None,
+                 warm: bool = False) -> ProcessId:
     """Write ``spec.json`` and start the detached worker; return its identity.
 
-    ``become_password`` (with ``spec.become_password``) goes to the worker through a pipe only.
+    ``become_password`` (with ``spec.become_password``) goes to the worker through a pipe only (a
+    warm worker: over its socket). ``warm``: a child of the warm worker (``carrier.ansible.zygote``)
+    instead of a new interpreter; EngineError when that cannot be had (the run did not start).
     """
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
@@ -171,6 +174,8 @@ def start_worker(run_dir: Path, spec: RunSpec, *, become_password: str | None = 
     fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(spec.to_json())
+    if warm:
+        return _start_warm(run_dir, spec, become_password)
     env = dict(spec.env)
     env["PYTHONPATH"] = _package_parent()
     # Every process of the run inherits this: how stragglers are found after a cancel or timeout.
@@ -194,20 +199,52 @@ def start_worker(run_dir: Path, spec: RunSpec, *, become_password: str | None = 
     return ident
 
 
+def _start_warm(run_dir: Path, spec: RunSpec, become_password: str | None) -> ProcessId:
+    from carrier.ansible import zygote
+
+    if spec.node is not None:
+        raise EngineError("a run on an execution node has no warm worker: it starts cold")
+    state_dir = run_dir.parent.parent  # <state_dir>/jobs/<job id>
+    path = zygote.ensure(state_dir, spec.env, zygote.run_cwd(state_dir, spec.kind, spec.project_dir),
+                         spec.kind)
+    pid = zygote.submit(path, run_dir, become_password if spec.become_password else None)
+    return ProcessId.of(pid) or ProcessId(pid, "exited")
+
+
+def adopt_child(proc: subprocess.Popen[bytes]) -> None:
+    """Reap ``proc`` later (``reap_children``): a process Carrier started but does not wait for."""
+    _CHILDREN[proc.pid] = proc
+
+
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 RUN_MARK_ENV = "CARRIER_RUN_DIR"
 
 
+def _holds(entry: Path, run_dir: str) -> bool:
+    """Whether the process of ``/proc/<pid>`` has ``run_dir`` open (a warm run's mark)."""
+    try:
+        fds = list((entry / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == run_dir:
+                return True
+    return False
+
+
 def run_processes(run_dir: Path) -> list[int]:
-    """Live processes of a run (they carry ``CARRIER_RUN_DIR=run_dir``), ssh ControlMasters excepted:
-    those serve every job and outlive runs on purpose."""
+    """Live processes of a run, ssh ControlMasters excepted (those serve every job and outlive runs
+    on purpose): those that carry ``CARRIER_RUN_DIR=run_dir`` and, for a warm run, whose forks show
+    the zygote's environment in /proc, those that hold ``run_dir`` open (``carrier.ansible.worker``)."""
     needle = f"{RUN_MARK_ENV}={run_dir}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+            marked = needle in (entry / "environ").read_bytes().split(b"\0")
+            if not marked and not _holds(entry, str(run_dir)):
                 continue
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:

@@ -4,6 +4,11 @@ Started by ``carrier.ansible.runner.start_worker`` in its own session, so it kee
 Carrier stops. It reads ``spec.json``, runs ansible-runner with a cancel callback (SIGTERM or the
 ``cancel`` file) polled every ``PEXPECT_TIMEOUT`` seconds, and writes ``result.json`` last. When
 the spec names an execution node, the run goes there instead (``carrier.nodes.stream``).
+
+The warm worker (``carrier.ansible.zygote``) calls ``run`` in a child forked from a parent that
+has imported Ansible already; ansible-runner then gets ``ansible-playbook``/``ansible`` as a forked
+grandchild on its pty that runs the CLI in-process (``_InProcessAnsible``) instead of a new
+interpreter. Everything else (events, stdout, cancel, result) is ansible-runner's, as in a cold run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from carrier.ansible.runner import (
     CANCEL_FILE,
@@ -53,7 +59,9 @@ def _become_fifo(password: str) -> tuple[Path, threading.Thread]:
     return fifo, thread
 
 
-def run(run_dir: Path) -> int:
+def run(run_dir: Path, *, warm: bool = False, become_password: str | None = None) -> int:
+    """Run ``run_dir``'s spec. ``warm``: in a zygote's child, the become password (if the spec wants
+    one) is ``become_password`` (it came over the zygote's socket) instead of stdin."""
     spec = RunSpec.from_json((run_dir / SPEC_FILE).read_text(encoding="utf-8"))
     cancelled = threading.Event()
 
@@ -75,8 +83,10 @@ def run(run_dir: Path) -> int:
 
     cmdline = spec.cmdline()
     fifo: Path | None = None
+    if warm:
+        _warm_spawn(run_dir)
     if spec.become_password:
-        password = sys.stdin.read()
+        password = (become_password or "") if warm else sys.stdin.read()
         if not password:
             write_result(run_dir, "error", None, "the become password did not reach the worker")
             return 1
@@ -142,6 +152,111 @@ def _run_on_node(run_dir: Path, spec: RunSpec, cancelled: Callable[[], bool]) ->
     stop_run_processes(run_dir)  # the local ssh client, should it linger
     write_result(run_dir, result.status, result.rc, result.error)
     return 0
+
+
+# --------------------------------------------------------------------------- the warm worker's runs
+
+#: The environment the zygote imported Ansible with (``prepare_warm``). Ansible reads its settings
+#: at import, so a run's environment may differ from it only in ``PER_RUN_ENV``.
+_IMPORT_ENV: dict[str, str] | None = None
+#: Exit status of an in-process run refused because the zygote's Ansible does not fit the run.
+STALE_EXIT = 250
+
+
+def prepare_warm() -> None:
+    """In the zygote, after Ansible was imported: remember the environment it was imported with."""
+    global _IMPORT_ENV
+    _IMPORT_ENV = dict(os.environ)
+
+
+def _warm_spawn(run_dir: Path) -> None:
+    """Make ansible-runner's pexpect start ``ansible-playbook``/``ansible`` as a fork of this
+    process that runs the CLI in-process. The run's processes all hold an open descriptor of
+    ``run_dir`` (forks keep the zygote's environment in /proc, so ``CARRIER_RUN_DIR`` is not
+    enough for ``stop_run_processes`` to find them)."""
+    import pexpect.pty_spawn
+    import ptyprocess
+
+    mark = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    os.set_inheritable(mark, True)
+
+    def spawnpty(_self: object, args: list[bytes], **kwargs: Any) -> Any:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        env = dict(kwargs.get("env") or {})
+        before = kwargs.get("preexec_fn")
+
+        def in_process() -> None:  # in the forked grandchild, instead of exec
+            if callable(before):
+                before()
+            _ansible_in_process([a.decode() if isinstance(a, bytes) else str(a) for a in args], env, mark)
+
+        kwargs["preexec_fn"] = in_process
+        return ptyprocess.PtyProcess.spawn(args, pass_fds=(mark,), **kwargs)
+
+    pexpect.pty_spawn.spawn._spawnpty = spawnpty
+
+
+def _ansible_in_process(argv: list[str], env: dict[str, str], mark: int) -> None:
+    """The CLI of ``argv`` in this (forked, pty-attached) process; never returns."""
+    import atexit
+    import resource
+
+    top = min(1048576, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(3, mark)  # ptyprocess's exec-error pipe among them: the parent goes on as after exec
+    os.closerange(mark + 1, top)
+    atexit._clear()  # the zygote's exit handlers are not this run's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    code = 1
+    try:
+        code = _cli(argv, env)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = STALE_EXIT
+    finally:
+        with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _cli(argv: list[str], env: dict[str, str]) -> int:
+    from ansible import constants as C
+    from ansible.config.manager import find_ini_config_file
+
+    from carrier.ansible.zygote import PER_RUN_ENV
+
+    base = _IMPORT_ENV or {}
+    changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)}
+    stale = sorted(changed - set(PER_RUN_ENV))
+    os.environ.clear()
+    os.environ.update(env)
+    config_file = find_ini_config_file()
+    if stale or config_file != C.config._config_file:
+        why = f"environment {', '.join(stale)}" if stale else f"configuration file {config_file}"
+        print(f"ERROR! carrier: the warm worker imported Ansible with another {why}: run the job again "
+              "(a new warm worker starts) or set ansible.worker: cold", file=sys.stderr, flush=True)
+        return STALE_EXIT
+    for name, definition in C.config.get_configuration_definitions().items():
+        if {e.get("name") for e in definition.get("env") or ()} & changed:
+            C.set_constant(name, C.config.get_config_value(name))  # e.g. this run's local temp
+    sys.argv = list(argv)
+    program = Path(argv[0]).name
+    if program == "ansible-playbook":
+        from ansible.cli.playbook import PlaybookCLI
+
+        PlaybookCLI.cli_executor(argv)
+    elif program == "ansible":
+        from ansible.cli.adhoc import AdHocCLI
+
+        AdHocCLI.cli_executor(argv)
+    print(f"ERROR! carrier: the warm worker does not run {program}", file=sys.stderr, flush=True)
+    return STALE_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:

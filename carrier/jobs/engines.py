@@ -31,6 +31,7 @@ from carrier.ansible.fastpath import ExecResult, exec_on_hosts
 from carrier.ansible.inventory import Inventory, check_pattern
 from carrier.ansible.ssh import SshControl, remote_command
 from carrier.ansible.strategy import DEFAULT_STRATEGY, check_strategy, effective_strategy, usable_strategy
+from carrier.ansible.zygote import DEFAULT_WORKER, check_worker
 from carrier.config import SECRET_NAME
 from carrier.errors import ConfigError
 from carrier.jobs.manager import JobContext, Outcome, Submission
@@ -108,7 +109,7 @@ class _RunnerEngine:
 
     def __init__(self, inventory: Inventory, ssh: SshControl, *, warm_masters: bool = True,
                  secrets: Callable[[str], str] | None = None, nodes: NodePool | None = None,
-                 strategy: str = DEFAULT_STRATEGY) -> None:
+                 strategy: str = DEFAULT_STRATEGY, worker: str = DEFAULT_WORKER) -> None:
         self.inventory = inventory
         self.ssh = ssh
         self.warm_masters = warm_masters
@@ -117,6 +118,9 @@ class _RunnerEngine:
         self.nodes = nodes
         #: ``ansible.strategy`` from carrier.yml; each job's own is in its spec (``_strategy``).
         self.strategy = check_strategy(strategy)
+        #: ``ansible.worker``: ``warm`` runs are children of the warm worker (``carrier.ansible.zygote``);
+        #: runs on an execution node start cold whatever the setting.
+        self.worker = check_worker(worker)
 
     def _placed(self, spec: dict[str, Any], hosts: Sequence[str]) -> dict[str, Any]:
         """``spec`` with the execution node serving all of ``hosts``, when one does."""
@@ -209,10 +213,12 @@ class _RunnerEngine:
             self._warm(ctx.hosts)
         if password is not None:
             spec = replace(spec, become_password=True)
-        worker = ar.start_worker(ctx.run_dir, spec, become_password=password)
+        warm = self.worker == "warm" and node is None
+        worker = ar.start_worker(ctx.run_dir, spec, become_password=password, warm=warm)
         del password
         ctx.set_process(worker.pid, worker.start)
         ctx.emit("runner.started", {"pid": worker.pid, "strategy": self._strategy(ctx.job),
+                                    "worker": "warm" if warm else "cold",
                                     **({"node": node.name} if node else {})})
         return self._supervise(ctx, worker)
 

@@ -14,6 +14,7 @@ from carrier.ansible.catalog import Catalog
 from carrier.ansible.inventory import Inventory
 from carrier.ansible.ssh import SshControl
 from carrier.ansible.strategy import DEFAULT_STRATEGY
+from carrier.ansible.zygote import DEFAULT_WORKER
 from carrier.config import Config, ExecutionNode
 from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
 from carrier.jobs.manager import Engine, Manager
@@ -43,10 +44,12 @@ class JobSystem:
 def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
                         playbook_dirs: Sequence[Path], *, secrets: Callable[[str], str] | None = None,
                         execution_nodes: Sequence[ExecutionNode] = (), strategy: str = DEFAULT_STRATEGY,
-                        tmux_output: str = DEFAULT_OUTPUT, **manager_options: Any) -> JobSystem:
+                        worker: str = DEFAULT_WORKER, tmux_output: str = DEFAULT_OUTPUT,
+                        **manager_options: Any) -> JobSystem:
     """The one place the engines are put together: playbook, adhoc, exec and pty, sharing one
     inventory, one set of ssh masters and the execution nodes (ConfigError for a node the inventory
-    cannot back). ``strategy`` is ``ansible.strategy``, ``tmux_output`` is ``pty.tmux_output``;
+    cannot back). ``strategy`` is ``ansible.strategy``, ``worker`` ``ansible.worker``,
+    ``tmux_output`` ``pty.tmux_output``;
     ``manager_options`` go to ``Manager`` (limits, poll)."""
     inventory = Inventory(inventory_path)
     catalog = Catalog(playbook_dirs)
@@ -56,8 +59,9 @@ def assemble_job_system(store: Store, state_dir: Path, inventory_path: Path,
                            running=functools.partial(jobruns.running_on_nodes, store))
     pty = PtyEngine(inventory, ssh, secrets=secrets, tmux_output=tmux_output)
     engines: list[Engine] = [PlaybookEngine(inventory, ssh, catalog, secrets=secrets, nodes=nodes,
-                                            strategy=strategy),
-                             AdhocEngine(inventory, ssh, secrets=secrets, nodes=nodes, strategy=strategy),
+                                            strategy=strategy, worker=worker),
+                             AdhocEngine(inventory, ssh, secrets=secrets, nodes=nodes, strategy=strategy,
+                                         worker=worker),
                              ExecEngine(inventory, ssh), pty]
     manager = Manager(store, state_dir, engines=engines, node_capacity=nodes.capacities(), **manager_options)
     return JobSystem(manager=manager, inventory=inventory, catalog=catalog, ssh=ssh, pty=pty, nodes=nodes)
@@ -70,6 +74,7 @@ def build_job_system(config: Config, store: Store) -> JobSystem:
         secrets=functools.partial(secretstore.lookup, config),
         strategy=config.ansible.strategy,
         tmux_output=config.pty.tmux_output,
+        worker=config.ansible.worker,
         max_jobs=config.limits.max_jobs,
         max_jobs_per_host=config.limits.max_jobs_per_host,
         output_max_bytes=config.limits.output_max_bytes,

@@ -32,6 +32,7 @@ from carrier.ansible.inventory import Inventory
 from carrier.ansible.runner import ansible_env
 from carrier.ansible.ssh import SshControl
 from carrier.ansible.strategy import DEFAULT_STRATEGY
+from carrier.ansible.zygote import DEFAULT_WORKER, live_zygotes
 from carrier.jobs.engines import AdhocEngine, ExecEngine, PlaybookEngine
 from carrier.jobs.manager import Manager
 from carrier.sandbox.layout import HOSTS
@@ -66,27 +67,42 @@ TWENTY = "- name: Twenty tasks\n  hosts: all\n  gather_facts: false\n  tasks:\n"
 PLAYS = {"five": PLAY, "twenty": TWENTY}
 #: Bare ``ansible-playbook`` variants with Carrier's environment (strategy differs).
 TUNED = ("linear", "free", "mitogen")
-#: Why ``ansible.strategy`` defaults to what it does (carrier.ansible.strategy.DEFAULT_STRATEGY):
-#: the measurement below and the integration runs with it as the default. Update both together.
+#: Why ``ansible.strategy`` and ``ansible.worker`` default to what they do
+#: (carrier.ansible.strategy.DEFAULT_STRATEGY, carrier.ansible.zygote.DEFAULT_WORKER): the
+#: measurement below and the integration runs with them as the defaults. Update both together.
 DEFAULT_CHOICE = (
-    "**The default, `ansible.strategy: mitogen`**, chosen by this measurement (the fastest setting on"
-    " both plays, and the only one whose gain grows with the number of tasks) and by the integration "
-    "tests passing with it as the default (2026-12-07, 176 tests in four batches on this machine: "
-    "test_ansible_engine, test_ansible_strategy_runs, test_jobs_ansible, test_jobs_cli, test_cli, "
-    "test_approvals, test_secrets_become, test_nodes, test_controller_refused, test_mcp_ops, "
-    "test_mcp_http, test_mcp_http_remote, test_mcp_http_inspector, test_ops_matrix, "
-    "test_remote_token, test_email_door, test_command_policy, test_schedule_doors, "
-    "test_schedule_mail, test_enrollment_by_mail: events, recap, check/diff, become, cancel, timeout,"
-    " unreachable hosts, unknown host keys, restart re-attach, execution nodes, approvals, playbooks "
-    "by signed mail and by schedule; all passed, none changed for it). Runs Carrier keeps on `linear`"
-    " whatever the setting: jobs on an execution node (the node's ansible-runner has no Mitogen), "
-    "runs of a role with a `become_secret` (the password stays on Ansible's own become path) and ad-"
-    "hoc `raw` (Mitogen needs Python on the host). Left for the other levers of issue 16: what "
-    "remains of the 5-task play is mostly `ansible-playbook`'s own start-up (imports, plugin loading,"
-    " inventory) on the controller, which no strategy changes."
+    "**The defaults, `ansible.strategy: mitogen` and `ansible.worker: warm`**, chosen by this "
+    "measurement (Mitogen: the fastest strategy on both plays, and the only one whose gain grows with"
+    " the number of tasks; the warm worker: faster than the cold one on both plays, by about the "
+    "controller's start-up) and by the integration tests passing with them as the defaults. "
+    "Mitogen: 2026-12-07, 176 tests in four batches (events, recap, check/diff, become, cancel, "
+    "timeout, unreachable hosts, unknown host keys, restart re-attach, execution nodes, approvals, "
+    "playbooks by signed mail and by schedule). The warm worker: 2026-12-07, 142 tests in three "
+    "batches on this machine (test_ansible_engine, test_ansible_strategy_runs, test_jobs_ansible, "
+    "test_jobs_cli, test_cli, test_approvals, test_secrets_become, test_nodes, "
+    "test_controller_refused, test_mcp_ops, test_email_door, test_schedule_doors and "
+    "test_warm_worker: a CLI process and a real MCP client running warm, a Carrier restart with the "
+    "warm worker killed mid-run, cancel, the socket refusing another uid and bad requests); they "
+    "found one difference, fixed before this run: pre-importing ansible-runner's callback patched "
+    "Ansible's Display twice, so the recap came as verbose events after `playbook_on_stats`. Runs "
+    "Carrier keeps on `linear` whatever the setting: jobs on an execution node (the node's "
+    "ansible-runner has no Mitogen; they also start cold), runs of a role with a `become_secret` "
+    "(the password stays on Ansible's own become path; with the warm worker it reaches the run over "
+    "the 0600 socket instead of a pipe, then the same FIFO) and ad-hoc `raw` (Mitogen needs Python "
+    "on the host). What the warm worker does not remove: per run, ansible-runner's set-up, Ansible "
+    "parsing the inventory and the playbook and loading its plugins (kept per run on purpose: a "
+    "changed inventory, playbook or ansible.cfg is read again), and Mitogen starting one Python per "
+    "host, which is the first task's time; on this 2-core machine with the hosts on it, that and the"
+    " tasks themselves are what stands between the default and 0.4x."
 )
-#: The row of Carrier's default strategy (``ansible.strategy``'s default).
-CARRIER_DEFAULT = f"Carrier, {DEFAULT_STRATEGY}"
+#: Carrier's rows: the strategy by the playbook's catalog ``strategy:``, the worker
+#: (``ansible.worker``) set on the engine for the run.
+CARRIER_ROWS = {"Carrier, linear": ("linear", DEFAULT_WORKER),
+                "Carrier, mitogen, cold worker": ("mitogen", "cold"),
+                "Carrier, mitogen, warm worker": ("mitogen", "warm")}
+#: The row of Carrier's defaults (``ansible.strategy``, ``ansible.worker``).
+CARRIER_DEFAULT = next(row for row, choice in CARRIER_ROWS.items()
+                       if choice == (DEFAULT_STRATEGY, DEFAULT_WORKER))
 PING = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n"
 
 
@@ -129,7 +145,10 @@ def _baseline(inventory: Path, playbooks: Path, home: Path, tuned: dict[str, str
     return took
 
 
-def _carrier(manager: Manager, play: str = "five") -> float:
+def _carrier(manager: Manager, play: str = "five", engine: PlaybookEngine | None = None,
+             worker: str = DEFAULT_WORKER) -> float:
+    if engine is not None:  # runs are one at a time: the setting of this one
+        engine.worker = worker
     started = time.perf_counter()
     view = manager.wait(manager.run_playbook(play, owner="bench", door="cli").id, 300)
     took = time.perf_counter() - started
@@ -162,8 +181,8 @@ def main() -> str:
         inventory = Inventory(inventory_dir)
         control = SshControl(state)
         catalog = Catalog([playbooks])
-        engines = [PlaybookEngine(inventory, control, catalog), AdhocEngine(inventory, control),
-                   ExecEngine(inventory, control)]
+        playbook_engine = PlaybookEngine(inventory, control, catalog)
+        engines = [playbook_engine, AdhocEngine(inventory, control), ExecEngine(inventory, control)]
 
         # --- 5- and 20-task plays, every variant alternating, warm-up first
         manager = Manager(store, state, engines=engines, poll=0.05).start()
@@ -176,8 +195,9 @@ def main() -> str:
                 sides = {"defaults": lambda p=play: _baseline(inventory_dir, playbooks, home, play=p),
                          **{f"bare {n}": lambda p=play, e=envs[n]: _baseline(inventory_dir, playbooks, home,
                                                                              e, play=p) for n in TUNED},
-                         "Carrier, linear": lambda p=play: _carrier(manager, f"{p}_linear"),
-                         "Carrier, mitogen": lambda p=play: _carrier(manager, f"{p}_mitogen")}
+                         **{row: lambda p=play, c=choice: _carrier(manager, f"{p}_{c[0]}", playbook_engine,
+                                                                   c[1])
+                            for row, choice in CARRIER_ROWS.items()}}
                 for run in range(RUNS + 1):
                     for side, call in sides.items():
                         took = call()
@@ -185,6 +205,7 @@ def main() -> str:
                             times.setdefault((play, side), []).append(took)
         finally:
             manager.close()
+            playbook_engine.worker = DEFAULT_WORKER
         bench_took = time.perf_counter() - bench_started
         control.close_all()
         _kill_ansible_masters(home)
@@ -215,6 +236,8 @@ def main() -> str:
     finally:
         if control is not None:
             control.close_all()
+        for pid in live_zygotes(state):
+            os.kill(pid, 15)
         _kill_ansible_masters(home)
         box.destroy()
         shutil.rmtree(root, ignore_errors=True)
@@ -222,11 +245,15 @@ def main() -> str:
     med = {key: statistics.median(values) for key, values in times.items()}
     ratio = med[("five", CARRIER_DEFAULT)] / med[("five", "defaults")]
     verdict = "meets" if ratio <= TARGET else "misses"
-    overhead = med[("five", CARRIER_DEFAULT)] - med[("five", f"bare {DEFAULT_STRATEGY}")]
-    versus = {play: med[(play, "Carrier, mitogen")] / med[(play, "Carrier, linear")] for play in PLAYS}
+    overhead = {row: med[("five", row)] - med[("five", "bare mitogen")]
+                for row in ("Carrier, mitogen, cold worker", "Carrier, mitogen, warm worker")}
+    same_worker = f"Carrier, mitogen, {DEFAULT_WORKER} worker"
+    versus = {play: med[(play, same_worker)] / med[(play, "Carrier, linear")] for play in PLAYS}
+    warm = {play: med[(play, "Carrier, mitogen, warm worker")] - med[(play, "Carrier, mitogen, cold worker")]
+            for play in PLAYS}
     one_each = all(n == 1 for n in logins.values()) and all(started_by_us.get(h) == 1 for h in HOSTS)
     rows = []
-    for side in ("defaults", *(f"bare {n}" for n in TUNED), "Carrier, linear", "Carrier, mitogen"):
+    for side in ("defaults", *(f"bare {n}" for n in TUNED), *CARRIER_ROWS):
         cells = []
         for play in PLAYS:
             values = times[(play, side)]
@@ -238,7 +265,8 @@ def main() -> str:
         "jobs\n\n"
         f"On web1, web2, db1; 5 tasks (command, stat, shell, ping, tempfile) and 20 `command` tasks. "
         f"Every variant in turn, {RUNS} timed rounds after one warm-up round, median (min-max); "
-        f"{bench_took:.0f} s in all. Target: Carrier's default ({DEFAULT_STRATEGY}) ≤ {TARGET}x of "
+        f"{bench_took:.0f} s in all. Target: Carrier's default ({DEFAULT_STRATEGY}, {DEFAULT_WORKER} worker) "
+        f"≤ {TARGET}x of "
         "defaults on the 5-task play: "
         f"{verdict} it ({ratio:.2f}x).\n\n"
         "| what | 5-task play | ratio | 20-task play | ratio |\n|---|---|---|---|---|\n"
@@ -247,13 +275,19 @@ def main() -> str:
         "forks 5, linear). bare X = `ansible-playbook` with Carrier's environment (pipelining, its warm "
         "ControlPath masters, forks 10) and strategy X. Carrier = the whole job: submit, detached "
         "ansible-runner worker, events into SQLite, verdict; the strategy by the playbook's catalog "
-        "`strategy:`. mitogen = Mitogen for Ansible's `mitogen_linear` (one Python per host "
+        "`strategy:`; cold worker = `ansible.worker: cold` (a new Python per run, ansible-runner "
+        "spawning a new `ansible-playbook`), warm worker = `ansible.worker: warm` (the run forked from "
+        "a worker that has imported Ansible, ansible-runner and Mitogen, `ansible-playbook` run "
+        f"in-process in a fork of it); Carrier, linear uses the default worker ({DEFAULT_WORKER}). "
+        "mitogen = Mitogen for Ansible's `mitogen_linear` (one Python per host "
         "per run). The sandbox hosts are this machine: controller and hosts share the same 2 cores "
         "(and other work on it runs alongside: compare rows of one run, not runs).\n\n"
-        f"Mitogen against linear, both as Carrier jobs: {versus['five']:.2f}x on the 5-task play, "
-        f"{versus['twenty']:.2f}x on the 20-task play. Carrier's job adds {overhead:+.2f} s to the bare "
-        f"`ansible-playbook` with the same strategy ({DEFAULT_STRATEGY}) on the 5-task play (detached "
-        "worker start, event ingestion, verdict).\n\n"
+        f"Mitogen against linear, both as Carrier jobs ({DEFAULT_WORKER} worker): {versus['five']:.2f}x on "
+        f"the 5-task play, {versus['twenty']:.2f}x on the 20-task play. On the 5-task play a Carrier job "
+        f"with Mitogen adds {overhead['Carrier, mitogen, cold worker']:+.2f} s to the bare "
+        f"`ansible-playbook` with the cold worker and {overhead['Carrier, mitogen, warm worker']:+.2f} s "
+        "with the warm one; the warm worker against the cold one: "
+        f"{warm['five']:+.2f} s on the 5-task play, {warm['twenty']:+.2f} s on the 20-task play.\n\n"
         f"{DEFAULT_CHOICE}\n\n"
         f"{CONCURRENT} concurrent jobs ({CONCURRENT // 2} ping playbooks + {CONCURRENT // 2} exec, each on "
         f"all 3 hosts, limits {CONCURRENT}/{CONCURRENT}) from cold: {succeeded}/{CONCURRENT} succeeded in "
