@@ -16,6 +16,18 @@ import pytest
 from carrier.sandbox.manager import Sandbox
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end, stop by pid the warm Ansible workers of state dirs under this session's
+    tmp_path (they would idle on for ``IDLE_EXIT``; sandbox ones end with their directory)."""
+    yield
+    from carrier.ansible.zygote import stop_zygotes
+
+    base = tmp_path_factory.getbasetemp()
+    for sock_dir in base.glob("**/run/zygote"):
+        stop_zygotes(sock_dir.parent.parent)
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
     """A running sandbox in a fresh directory under /var/tmp (the dovecot user must reach it).

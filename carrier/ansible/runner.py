@@ -211,11 +211,6 @@ def _start_warm(run_dir: Path, spec: RunSpec, become_password: str | None) -> Pr
     return ProcessId.of(pid) or ProcessId(pid, "exited")
 
 
-def adopt_child(proc: subprocess.Popen[bytes]) -> None:
-    """Reap ``proc`` later (``reap_children``): a process Carrier started but does not wait for."""
-    _CHILDREN[proc.pid] = proc
-
-
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 RUN_MARK_ENV = "CARRIER_RUN_DIR"
 

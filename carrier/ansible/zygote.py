@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +143,60 @@ def live_zygotes(state_dir: Path) -> list[int]:
         with contextlib.suppress(OSError, ValueError):
             pid = int(pid_file.read_text().strip())
             sock = pid_file.with_suffix(".sock")
-            if process_start(pid) is not None and sock.exists():
+            if process_start(pid) is not None and sock.exists() and _serves(pid, state_dir):
                 found.append(pid)
     return found
 
 
+def _serves(pid: int, state_dir: Path) -> bool:
+    """Whether ``pid`` is a zygote of ``state_dir`` (not another process that took a stale pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"carrier.ansible.zygote" not in argv:
+        return False
+    served = argv[argv.index(b"carrier.ansible.zygote") + 1:][:1]
+    return bool(served) and Path(os.fsdecode(served[0])).resolve() == state_dir.resolve()
+
+
+def stop_zygotes(state_dir: Path) -> list[int]:
+    """SIGTERM the warm workers of ``state_dir`` (``sandbox down``); runs they forked go on."""
+    from carrier.sandbox.procs import stop_pid
+
+    pids = live_zygotes(state_dir)
+    for pid in pids:
+        stop_pid(pid)
+    return pids
+
+
 # --------------------------------------------------------------------------- Carrier's side
+
+
+# A unix socket address holds at most 107 bytes; state directories (a deep home, pytest's
+# tmp_path) can be longer. Past that the socket is addressed through an O_PATH descriptor of its
+# directory, /proc/self/fd/N/NAME, which the kernel resolves like any path.
+_SUN_PATH_MAX = 100
+
+
+@contextlib.contextmanager
+def _sun_path(path: Path) -> Iterator[str]:
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def _connect(path: Path, timeout: float = 10.0) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
+        with _sun_path(path) as address:
+            sock.connect(address)
     except OSError:
         sock.close()
         return None
@@ -201,14 +242,13 @@ def ensure(state_dir: Path, env: Mapping[str, str], cwd: Path, kind: str) -> Pat
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
+            exited = proc.poll() is not None  # before connecting: it exits once it listens
             sock = _connect(path)
             if sock is not None:
                 sock.close()
-                from carrier.ansible.runner import adopt_child
-
-                adopt_child(proc)
+                proc.wait()  # the starter forks the zygote and exits: nothing left to reap later
                 return path
-            if proc.poll() is not None:
+            if exited:
                 break
             time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
@@ -402,12 +442,17 @@ class Zygote:
             self.path.unlink()  # a dead zygote's socket (the starter holds the lock)
         old = os.umask(0o177)
         try:
-            listener.bind(str(self.path))
+            with _sun_path(self.path) as address:
+                listener.bind(address)
         finally:
             os.umask(old)
         self.path.chmod(0o600)
         listener.listen(16)
         listener.settimeout(CHECK_EVERY)
+        # Listening: the process Carrier started exits and the zygote goes on in a fork, so it is
+        # no Carrier process's child (its exit, hours later, leaves no zombie in that Carrier).
+        if os.fork() > 0:
+            os._exit(0)
         inode = self.path.stat().st_ino
         pid_file = self.path.with_suffix(".pid")
         pid_file.write_text(f"{os.getpid()}\n")  # who serves this socket (its forks share its argv)

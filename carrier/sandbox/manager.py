@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from ruamel.yaml import YAML
 
+from carrier.ansible.zygote import stop_zygotes
 from carrier.errors import SandboxError
 from carrier.sandbox import procs
 from carrier.sandbox.dovecot import Dovecot
@@ -418,6 +419,9 @@ class Sandbox:
             component.stop()
         if (self.layout.root / "gnupg").is_dir():
             self.gpg().kill_agents()
+        # Carrier's warm Ansible workers outlive `carrier serve` on purpose; not the sandbox.
+        if stop_zygotes(self.layout.carrier_state_dir):
+            stopped.append("warm workers")
         return stopped
 
     def destroy(self) -> list[str]:

@@ -21,6 +21,7 @@ import pytest
 from ansible_support import BUNDLED, REPO, carrier_cli, until, write_config, write_playbooks
 
 from carrier.ansible.ssh import SshControl
+from carrier.ansible.zygote import live_zygotes
 from carrier.sandbox import procs
 from carrier.sandbox.manager import Sandbox
 
@@ -195,12 +196,14 @@ def test_down_stops_everything_by_pid(root: Path) -> None:
     box = Sandbox(root)
     pids = [pid for c in box.components() for pid in c.pids().values()]
     assert len(pids) == 4 + 3 + 2 and all(pid is not None for pid in pids)  # nodes among them
+    workers = live_zygotes(box.layout.carrier_state_dir)
+    assert workers, "the local runs of this module left no warm Ansible worker to stop"
     done = carrier_cli("sandbox", "down", "--dir", str(root))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "stopped: nodes, sshd, keyserver, smtp, dovecot, oauth"
-    assert not any(procs.pid_alive(pid) for pid in pids if pid is not None)
+    assert done.stdout.strip() == "stopped: nodes, sshd, keyserver, smtp, dovecot, oauth, warm workers"
+    assert not any(procs.pid_alive(pid) for pid in pids + workers if pid is not None)
     # Carrier's ssh masters to the nodes and hosts end with their sshd sessions.
-    until(lambda: _ours(root) == [], 20, "every process of the sandbox to end")
+    until(lambda: _ours(root) == [], 20, f"every process of the sandbox to end: {_ours(root)}")
     status = carrier_cli("sandbox", "status", "--dir", str(root))
     assert status.returncode == 3
     assert re.search(r"nodes\s+stopped\s+sshd-exec1=- sshd-exec2=-", status.stdout), status.stdout

@@ -14,6 +14,8 @@ from carrier.ansible.errors import EngineError
 from carrier.ansible.zygote import (
     DEFAULT_WORKER,
     WORKERS,
+    _connect,
+    _sun_path,
     check_run_dir,
     check_worker,
     peer_uid,
@@ -67,6 +69,25 @@ def test_peer_uid_is_the_connecting_process_uid() -> None:
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with left, right:
         assert peer_uid(left) == os.getuid()
+
+
+def test_a_socket_deeper_than_a_unix_address_allows_is_bound_and_reached(tmp_path: Path) -> None:
+    # pytest's tmp_path under a CI clone's path made the zygote fail with "AF_UNIX path too long"
+    deep = tmp_path.joinpath(*["d" * 40] * 4)
+    deep.mkdir(parents=True)
+    path = deep / ("k" * 24 + ".sock")
+    assert len(str(path)) > 108
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        with _sun_path(path) as address:
+            listener.bind(address)
+        listener.listen(1)
+        assert path.exists()
+        client = _connect(path)
+        assert client is not None
+        with client, listener.accept()[0] as served:
+            client.sendall(b"ping")
+            assert served.recv(4) == b"ping"
+    assert _connect(deep / "absent.sock") is None
 
 
 def test_the_key_changes_with_environment_configuration_and_kind_not_per_run_values(tmp_path: Path) -> None:
