@@ -83,8 +83,7 @@ def run(run_dir: Path, *, warm: bool = False, become_password: str | None = None
 
     cmdline = spec.cmdline()
     fifo: Path | None = None
-    if warm:
-        _warm_spawn(run_dir)
+    _spawn_ansible(run_dir, warm)
     if spec.become_password:
         password = (become_password or "") if warm else sys.stdin.read()
         if not password:
@@ -169,30 +168,41 @@ def prepare_warm() -> None:
     _IMPORT_ENV = dict(os.environ)
 
 
-def _warm_spawn(run_dir: Path) -> None:
-    """Make ansible-runner's pexpect start ``ansible-playbook``/``ansible`` as a fork of this
-    process that runs the CLI in-process. The run's processes all hold an open descriptor of
-    ``run_dir`` (forks keep the zygote's environment in /proc, so ``CARRIER_RUN_DIR`` is not
-    enough for ``stop_run_processes`` to find them)."""
+def _spawn_ansible(run_dir: Path, warm: bool) -> None:
+    """How ansible-runner's pexpect starts ``ansible-playbook``/``ansible``.
+
+    Both ways: ptyprocess sleeps 0.1 s in ``close()`` "to let the kernel update the process
+    status", but ansible-runner closes only once the child is no longer alive, so that sleep is
+    pure delay on every run (it is a tenth of a warm 5-task play). ``warm``: the child is a fork of
+    this process that runs the CLI in-process instead of exec. The run's processes all hold an
+    open descriptor of ``run_dir`` (forks keep the zygote's environment in /proc, so
+    ``CARRIER_RUN_DIR`` is not enough for ``stop_run_processes`` to find them)."""
     import pexpect.pty_spawn
     import ptyprocess
 
-    mark = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
-    os.set_inheritable(mark, True)
+    mark = -1
+    if warm:
+        mark = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        os.set_inheritable(mark, True)
 
     def spawnpty(_self: object, args: list[bytes], **kwargs: Any) -> Any:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        env = dict(kwargs.get("env") or {})
-        before = kwargs.get("preexec_fn")
+        if warm:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            env = dict(kwargs.get("env") or {})
+            before = kwargs.get("preexec_fn")
 
-        def in_process() -> None:  # in the forked grandchild, instead of exec
-            if callable(before):
-                before()
-            _ansible_in_process([a.decode() if isinstance(a, bytes) else str(a) for a in args], env, mark)
+            def in_process() -> None:  # in the forked grandchild, instead of exec
+                if callable(before):
+                    before()
+                _ansible_in_process([a.decode() if isinstance(a, bytes) else str(a) for a in args], env,
+                                    mark)
 
-        kwargs["preexec_fn"] = in_process
-        return ptyprocess.PtyProcess.spawn(args, pass_fds=(mark,), **kwargs)
+            kwargs["preexec_fn"] = in_process
+            kwargs["pass_fds"] = (mark,)
+        proc = ptyprocess.PtyProcess.spawn(args, **kwargs)
+        proc.delayafterclose = 0.0
+        return proc
 
     pexpect.pty_spawn.spawn._spawnpty = spawnpty
 

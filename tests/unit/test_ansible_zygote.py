@@ -4,9 +4,13 @@ versions, environment or configuration files."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +123,35 @@ def test_the_key_changes_with_the_versions_and_carriers_code(tmp_path: Path,
     assert any(name == "ansible/zygote.py" for name, _, _ in stamp)  # Carrier's own files are in it
     monkeypatch.setattr(zygote, "_code_stamp", lambda: [*stamp[:-1], (stamp[-1][0], 1, 1)])
     assert zygote_key(env, tmp_path, "playbook") != key
+
+
+_DEFINITIONS = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+if sys.argv[1] == "warm":
+    from carrier.ansible import zygote
+    zygote._parse_plugin_docs()
+import ansible.plugins.loader as pl
+from ansible import constants as C
+pl.init_plugin_loader()
+before = len(pl.yaml.parsed) if sys.argv[1] == "warm" else 0
+for loader, name in ((pl.connection_loader, "ssh"), (pl.become_loader, "sudo"), (pl.shell_loader, "sh"),
+                     (pl.callback_loader, "default")):
+    loader.get(name, class_only=True)
+taken = before - len(pl.yaml.parsed) if sys.argv[1] == "warm" else 0
+defs = {kind: {n: C.config.get_configuration_definitions(kind, n) for n in sorted(C.config._plugins[kind])}
+        for kind in sorted(C.config._plugins)}
+print(json.dumps({"taken": taken, "defs": defs}, sort_keys=True, default=str))
+"""
+
+
+def test_plugin_settings_from_the_zygotes_parsed_documentation_are_those_a_cold_run_parses() -> None:
+    def definitions(mode: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-c", _DEFINITIONS, mode], capture_output=True, text=True,
+                              timeout=120, check=True)
+        return dict(json.loads(done.stdout))
+
+    cold, warm = definitions("cold"), definitions("warm")
+    assert warm["taken"] == 4  # the four plugins' documents came from the zygote's parse
+    assert sorted(warm["defs"]) == ["become", "callback", "connection", "shell"]
+    assert warm["defs"] == cold["defs"] and cold["defs"]["connection"]["ssh"]["host"]
