@@ -379,108 +379,21 @@ def _memo(function: Any) -> Any:
     return remembered
 
 
-class _DocYaml:
-    """The ``yaml`` module as Ansible's plugin loader and doc fragments see it, with ``load`` of
-    plugin documentation answered from what the zygote parsed before forking.
-
-    Every run loads its callback, connection, become, shell, cache, vars and inventory plugins,
-    and parsing their DOCUMENTATION (and its fragments) for their settings was a tenth of a warm
-    5-task play. The zygote parses them once (``_parse_plugin_docs``); a run takes each parsed
-    document the first time it asks for that exact text from that exact file, and owns it (it is
-    popped: Ansible merges fragments into it in place, so it is never handed out twice). Any
-    other text, file or loader is parsed as before."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-        self.parsed: dict[tuple[str, str | None, object], Any] = {}
-        self.recording = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def load(self, stream: Any, Loader: Any) -> Any:  # yaml's own argument name
-        if not isinstance(stream, str):
-            return self._real.load(stream, Loader=Loader)
-        from ansible._internal._datatag import _tags
-
-        origin = _tags.Origin.get_tag(stream)
-        key = (str(stream), origin.path if origin is not None else None, Loader)
-        if key in self.parsed:
-            return self.parsed.pop(key)
-        data = self._real.load(stream, Loader=Loader)
-        if self.recording:
-            import copy
-
-            self.parsed[key] = copy.deepcopy(data)  # the zygote's own: Ansible changes data in place
-        return data
-
-
-def _documentation(path: str) -> str | None:
-    """A plugin file's DOCUMENTATION string constant, read without importing it."""
-    import ast
-
-    with contextlib.suppress(OSError, SyntaxError, ValueError):
-        for node in ast.parse(Path(path).read_bytes()).body:
-            if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                    and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "DOCUMENTATION"
-                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
-                return node.value.value
-    return None
-
-
-def _parse_plugin_docs() -> None:
-    """Parse, in the zygote, the documentation of the plugins a run loads for their settings, by
-    Ansible's own code (``PluginLoader._load_config_defs``, so with the same tags), then forget
-    the settings it registered: a run registers them itself, from these parsed documents."""
-    import types
-
-    import ansible.plugins.loader as plugin_loader
-    import ansible.utils.plugin_docs as plugin_docs
-    from ansible import constants as C
-
-    hooks = [_DocYaml(plugin_loader.yaml), _DocYaml(plugin_docs.yaml)]
-    plugin_loader.yaml, plugin_docs.yaml = hooks
-    loaders = [plugin_loader.shell_loader, plugin_loader.inventory_loader, plugin_loader.vars_loader,
-               plugin_loader.cache_loader, plugin_loader.connection_loader, plugin_loader.become_loader,
-               plugin_loader.callback_loader]
-    registered = {kind: dict(defs) for kind, defs in C.config._plugins.items()}
-    for hook in hooks:
-        hook.recording = True
-    try:
-        for loader in loaders:
-            paths = list(loader.all(path_only=True))
-            if loader is plugin_loader.connection_loader:
-                with contextlib.suppress(ImportError):
-                    import ansible_mitogen
-
-                    where = Path(str(ansible_mitogen.__file__)).parent / "plugins" / "connection"
-                    paths += [str(p) for p in sorted(where.glob("mitogen_*.py"))]
-            for path in paths:
-                text = _documentation(path)
-                if text is None:
-                    continue
-                name = Path(path).stem
-                with contextlib.suppress(Exception):  # a plugin a run would refuse is parsed there
-                    loader._load_config_defs(name, types.SimpleNamespace(DOCUMENTATION=text), path)
-    finally:
-        for hook in hooks:
-            hook.recording = False
-        C.config._plugins.clear()
-        C.config._plugins.update(registered)
-
-
 def _warm_caches() -> None:
     """Work every run repeats on the same input, done once here (the input is part of the installed
     versions, so of the key): the YAML of ansible.builtin's routing (``ansible_builtin_runtime.yml``,
     through the parser hook Ansible provides for caching, ``_meta_yml_to_dict``), and Mitogen's
-    minified sources it sends to each host (``mitogen.minify.minimize_source``, core's included)."""
+    minified sources it sends to each host (``mitogen.minify.minimize_source``, core's included).
+
+    Not the plugins' documentation (their settings): parsing it here, through the plugin loaders,
+    left their caches so that runs never loaded the vars plugins' settings and dropped the
+    inventory's group_vars (tests/unit/test_ansible_zygote.py has the case)."""
     import ansible
     from ansible.utils.collection_loader import _collection_finder
 
     _collection_finder._meta_yml_to_dict = _memo(_collection_finder._meta_yml_to_dict)
     builtin = Path(ansible.__file__).parent / "config" / "ansible_builtin_runtime.yml"
     _collection_finder._meta_yml_to_dict(builtin.read_bytes(), ("ansible.builtin", "runtime.yml"))
-    _parse_plugin_docs()
     try:
         import ansible_mitogen
         import mitogen.master

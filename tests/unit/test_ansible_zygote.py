@@ -4,13 +4,11 @@ versions, environment or configuration files."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -125,33 +123,46 @@ def test_the_key_changes_with_the_versions_and_carriers_code(tmp_path: Path,
     assert zygote_key(env, tmp_path, "playbook") != key
 
 
-_DEFINITIONS = """
-import json, sys, warnings
+_RUN = """
+import os, sys, warnings
 warnings.simplefilter("ignore")
-if sys.argv[1] == "warm":
+if sys.argv[1] == "warm":  # as the warm worker: everything imported and warmed, then a fork per run
     from carrier.ansible import zygote
-    zygote._parse_plugin_docs()
-import ansible.plugins.loader as pl
-from ansible import constants as C
-pl.init_plugin_loader()
-before = len(pl.yaml.parsed) if sys.argv[1] == "warm" else 0
-for loader, name in ((pl.connection_loader, "ssh"), (pl.become_loader, "sudo"), (pl.shell_loader, "sh"),
-                     (pl.callback_loader, "default")):
-    loader.get(name, class_only=True)
-taken = before - len(pl.yaml.parsed) if sys.argv[1] == "warm" else 0
-defs = {kind: {n: C.config.get_configuration_definitions(kind, n) for n in sorted(C.config._plugins[kind])}
-        for kind in sorted(C.config._plugins)}
-print(json.dumps({"taken": taken, "defs": defs}, sort_keys=True, default=str))
+    zygote._preload()
+pid = os.fork()
+if pid == 0:
+    from ansible.cli.playbook import PlaybookCLI
+    os._exit(PlaybookCLI(["ansible-playbook", "-i", sys.argv[2], sys.argv[3]]).run())
+os.waitpid(pid, 0)
 """
 
 
-def test_plugin_settings_from_the_zygotes_parsed_documentation_are_those_a_cold_run_parses() -> None:
-    def definitions(mode: str) -> dict[str, Any]:
-        done = subprocess.run([sys.executable, "-c", _DEFINITIONS, mode], capture_output=True, text=True,
-                              timeout=120, check=True)
-        return dict(json.loads(done.stdout))
+@pytest.mark.parametrize("strategy", ["linear", "mitogen_linear"])
+def test_a_warm_run_passes_the_inventorys_ssh_options_to_ssh_as_a_cold_run_does(tmp_path: Path,
+                                                                                strategy: str) -> None:
+    """The bench found warm runs dropping the inventory's group_vars (there, ``ansible_ssh_extra_args``
+    and its known_hosts file): hidden while a master carries the connection, fatal once ssh connects
+    by itself. The option here is a ProxyCommand that leaves a mark: was ssh given it?"""
+    import ansible_mitogen
 
-    cold, warm = definitions("cold"), definitions("warm")
-    assert warm["taken"] == 4  # the four plugins' documents came from the zygote's parse
-    assert sorted(warm["defs"]) == ["become", "callback", "connection", "shell"]
-    assert warm["defs"] == cold["defs"] and cold["defs"]["connection"]["ssh"]["host"]
+    strategies = Path(str(ansible_mitogen.__file__)).parent / "plugins" / "strategy"
+    marks = {}
+    for mode in ("cold", "warm"):
+        mark = tmp_path / f"{mode}.mark"
+        inventory = tmp_path / mode  # the option in group_vars, read by the host_group_vars plugin
+        (inventory / "group_vars").mkdir(parents=True)
+        proxy = f"sh -c 'echo seen > {mark}; exit 1'"
+        (inventory / "hosts.yml").write_text(
+            "all:\n  hosts:\n    probe:\n      ansible_host: 127.0.0.1\n      ansible_port: 9\n")
+        (inventory / "group_vars" / "all.yml").write_text(
+            f"ansible_ssh_extra_args: \"-o ProxyCommand=\\\"{proxy}\\\"\"\n")
+        play = tmp_path / "play.yml"
+        play.write_text("- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n")
+        env = {**os.environ, "HOME": str(tmp_path), "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+               "ANSIBLE_SSH_ARGS": "-o ControlMaster=no -o BatchMode=yes", "ANSIBLE_STRATEGY": strategy,
+               "ANSIBLE_STRATEGY_PLUGINS": str(strategies),
+               "ANSIBLE_SSH_RETRIES": "0", "ANSIBLE_TIMEOUT": "5"}
+        subprocess.run([sys.executable, "-c", _RUN, mode, str(inventory), str(play)], env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+        marks[mode] = mark.exists()
+    assert marks == {"cold": True, "warm": True}
