@@ -54,6 +54,8 @@ CHECK_EVERY = 2.0
 #: Seconds Carrier waits for a new zygote to answer.
 START_TIMEOUT = 60.0
 MAX_REQUEST = 64 * 1024
+#: A run's exit status that says it did not end by itself (``_SharedInterpreters.ended``).
+LEFT_TASKS = 75
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _JOB_DIR_RE = re.compile(r"j-[a-z2-7]{12}")
 _DISTRIBUTIONS = ("ansible-core", "ansible-runner", "mitogen")
@@ -411,6 +413,141 @@ def _warm_caches() -> None:
                 mitogen.minify.minimize_source(source)
 
 
+#: Descriptors a multiplexer closes as it is forked (``_SharedInterpreters.start``): empty otherwise.
+_CLOSE_IN_FORK: list[int] = []
+
+
+def _close_in_fork() -> None:
+    for fd in _CLOSE_IN_FORK:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _CLOSE_IN_FORK.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_fork)
+
+
+class _SharedInterpreters:
+    """Mitogen's connection multiplexers, started once by the zygote, so its runs reuse the Python
+    interpreters Mitogen keeps on the hosts instead of each run starting one per host (that start
+    is most of a short play's first task).
+
+    One run at a time uses them (the *lane*): Mitogen serves the calls into one interpreter in
+    order, so two runs sharing it would wait on each other's tasks. A run that starts while the
+    lane is taken gets multiplexers of its own, as every run did before. A lane run that ends by a
+    signal (cancelled, timed out) may have left a task running in those interpreters; they are
+    stopped then, and so when a multiplexer dies, and the next run starts new ones. Connections
+    are keyed by Mitogen on everything ssh and become are given (host, user, port, key, ssh
+    options, become user), so a changed inventory connects anew."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.muxes: list[int] = []
+        self.lane: int | None = None
+        self.socket_dir: str | None = None
+
+    def start(self, keep_out: tuple[socket.socket, ...] = ()) -> bool:
+        """The multiplexers (started now if none run); False without Mitogen. ``keep_out``: the
+        zygote's sockets, which they must not hold (a dead zygote's socket would still accept)."""
+        if self.model is not None:
+            return True
+        try:
+            import ansible_mitogen.process as process
+        except ImportError:
+            return False
+        import tempfile
+
+        # Their sockets in a directory of this user only (mkdtemp: 0700) with a short path; Mitogen
+        # names them with tempfile.mktemp and binds before it sets 0600.
+        self.socket_dir = tempfile.mkdtemp(prefix="carrier-mitogen-")
+        before, tempfile.tempdir = tempfile.tempdir, self.socket_dir
+        try:
+            for sock in keep_out:
+                _CLOSE_IN_FORK.append(sock.fileno())
+            self.model = process.get_classic_worker_model()
+        finally:
+            tempfile.tempdir = before
+            _CLOSE_IN_FORK.clear()
+        import atexit
+
+        # Its exit handler would shut them down under a lane run that outlives the zygote.
+        atexit.unregister(self.model._on_process_exit)
+        self.muxes = [mux.pid for mux in self.model._muxes]
+        return True
+
+    def for_child(self, keep_out: tuple[socket.socket, ...]) -> bool:
+        """Before forking a run: whether it takes the lane (then the lane is its, by ``taken``).
+        The run before may have written its result and not yet exited: a moment's grace."""
+        for _ in range(10):
+            if self.lane is None:
+                break
+            with contextlib.suppress(ChildProcessError):
+                done, status = os.waitpid(self.lane, os.WNOHANG)
+                if not done:
+                    time.sleep(0.005)
+                    continue
+                self.ended(self.lane, status)
+                continue
+            self.lane = None
+        return self.lane is None and self.start(keep_out)
+
+    def taken(self, pid: int) -> None:
+        self.lane = pid
+
+    def in_child(self, lane: bool) -> None:
+        """In the forked run: off the lane, forget the zygote's multiplexers (the run starts its own
+        at its strategy's start, as a cold run does)."""
+        if lane or self.model is None:
+            return
+        import ansible_mitogen.process as process
+
+        with contextlib.suppress(OSError):
+            self.model.parent_sock.close()  # this copy would keep them alive after the zygote
+        process._classic_worker_model = None
+
+    def ended(self, pid: int, status: int) -> None:
+        """A child was reaped: free the lane, and stop the interpreters if it was killed."""
+        if pid == self.lane:
+            self.lane = None
+            if os.WIFSIGNALED(status) or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == LEFT_TASKS):
+                self.stop()
+
+    def check(self) -> None:
+        """Stop (so the next lane run restarts) multiplexers of which one has exited."""
+        for pid in self.muxes:
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if not done:
+                    continue
+            self.stop()
+            return
+
+    def stop(self) -> None:
+        if self.model is None:
+            return
+        import ansible_mitogen.process as process
+
+        with contextlib.suppress(OSError):  # their end reads EOF: they shut down and exit
+            self.model.parent_sock.shutdown(socket.SHUT_WR)
+            self.model.parent_sock.close()
+        deadline = time.monotonic() + 5.0
+        for pid in self.muxes:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    if time.monotonic() > deadline:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                        break
+                    time.sleep(0.02)
+        process._classic_worker_model = None
+        self.model, self.muxes = None, []
+        if self.socket_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
+
+
 class Zygote:
     """The listening parent. Single-threaded: it only accepts, checks, forks and reaps."""
 
@@ -423,6 +560,7 @@ class Zygote:
         self.env = dict(os.environ)
         self.children: set[int] = set()
         self.last_used = time.monotonic()
+        self.interpreters = _SharedInterpreters()
 
     def current(self) -> bool:
         """Whether this zygote's key is still the one Carrier computes (code and versions)."""
@@ -466,6 +604,7 @@ class Zygote:
         pid_file = self.path.with_suffix(".pid")
         pid_file.write_text(f"{os.getpid()}\n")  # who serves this socket (its forks share its argv)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        self.interpreters.start((listener,))  # children of this process, not of the one that exited
         print(f"carrier zygote {os.getpid()}: ready on {self.path}", file=sys.stderr, flush=True)
         try:
             while True:
@@ -490,14 +629,22 @@ class Zygote:
                     self.path.unlink()
                     pid_file.unlink()
             listener.close()
+            self._reap()
+            if self.interpreters.lane is None:
+                self.interpreters.stop()
+            # else the lane's run goes on with them; they exit once it has (its copy of their
+            # socket is the last one left)
 
     def _reap(self) -> None:
         for pid in list(self.children):
+            status = 0
             with contextlib.suppress(ChildProcessError):
-                done, _ = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
                 if not done:
                     continue
             self.children.discard(pid)
+            self.interpreters.ended(pid, status)
+        self.interpreters.check()
 
     def _handle(self, conn: socket.socket, listener: socket.socket) -> None:
         conn.settimeout(5.0)
@@ -520,6 +667,7 @@ class Zygote:
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps({"error": f"refused: {exc}"}).encode() + b"\n")
             return
+        lane = self.interpreters.for_child((listener, conn))
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -528,6 +676,7 @@ class Zygote:
             try:
                 listener.close()
                 conn.close()
+                self.interpreters.in_child(lane)
                 code = _child(run_dir, password)
             except BaseException:  # the run's log says why; the zygote is not affected
                 with contextlib.suppress(Exception):
@@ -539,6 +688,8 @@ class Zygote:
                 os._exit(code)
         del password
         self.children.add(pid)
+        if lane:
+            self.interpreters.taken(pid)
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
 
@@ -557,7 +708,7 @@ def _child(run_dir: Path, password: str | None) -> int:
     os.close(null)
     os.chdir(run_dir)
     import carrier.ansible.worker as worker
-    from carrier.ansible.runner import RUN_MARK_ENV, SPEC_FILE, RunSpec
+    from carrier.ansible.runner import RUN_MARK_ENV, SPEC_FILE, RunSpec, read_result
 
     spec = RunSpec.from_json((run_dir / SPEC_FILE).read_text(encoding="utf-8"))
     os.environ.clear()  # what a cold worker gets (carrier.ansible.runner.start_worker)
@@ -565,7 +716,11 @@ def _child(run_dir: Path, password: str | None) -> int:
     os.environ["PYTHONPATH"] = _package_parent()
     os.environ[RUN_MARK_ENV] = str(run_dir)
 
-    return worker.run(run_dir, warm=True, become_password=password)
+    code = worker.run(run_dir, warm=True, become_password=password)
+    result = read_result(run_dir)
+    if result is None or result.status not in ("successful", "failed"):
+        return LEFT_TASKS  # cancelled, timed out or broken: a task may still run on the hosts
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

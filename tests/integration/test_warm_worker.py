@@ -203,6 +203,53 @@ def test_cancel_stops_the_child_and_its_ansible_forks(workdir: Path, inventory_d
         system.ssh.close_all()
 
 
+# --------------------------------------------------------------------------- the hosts' interpreters
+
+INTERPRETER = """\
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: Interpreter
+      ansible.builtin.shell: echo $PPID
+"""
+
+
+def test_runs_reuse_the_hosts_interpreters_one_at_a_time_and_a_cancelled_run_stops_them(
+    workdir: Path, inventory_dir: Path, playbooks: Path
+) -> None:
+    """Mitogen's interpreter on web1 (the parent of the task's shell) outlives a run and serves the
+    next; a run beside one that holds them gets its own (so it does not wait on the other's task);
+    cancelling a run that holds them (its task may go on there) stops them."""
+    (playbooks / "interpreter.yml").write_text(INTERPRETER)
+    state = workdir / "state-interpreters"
+    with warm_system(state, inventory_dir, playbooks) as system:
+        manager = system.manager.start()
+
+        def interpreter() -> str:
+            job = manager.run_playbook("interpreter", owner="o", door="cli", limit="web1")
+            view = manager.wait(job.id, 120)
+            assert view.status == "succeeded", view.message
+            events, _ = manager.output(view.id, 0, 1000)
+            [pid] = [str(e.data["res"]["stdout"]) for e in events
+                     if e.type == "ansible.runner_on_ok" and e.data["task"] == "Interpreter"]
+            assert pid.isdigit()
+            return pid
+
+        first = interpreter()
+        assert interpreter() == first  # the second run used the first one's interpreter
+        slow = manager.run_playbook("slow", owner="o", door="cli", limit="web1", extra_vars={"seconds": 300})
+        until(lambda: _sleeping(system, slow.id), what="the Sleep task to start")
+        beside = interpreter()  # done while slow sleeps in the shared interpreter
+        assert beside != first
+        assert manager.get(slow.id).status == "running"
+        manager.kill(slow.id, by="ops@example.test")
+        assert manager.wait(slow.id, 60).status == "cancelled"
+        after = interpreter()  # not stuck behind slow's sleep: a new shared interpreter
+        assert after not in (first, beside)
+        assert interpreter() == after
+        system.ssh.close_all()
+
+
 # --------------------------------------------------------------------------- the socket
 
 
