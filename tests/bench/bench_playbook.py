@@ -89,11 +89,14 @@ DEFAULT_CHOICE = (
     "ansible-runner has no Mitogen; they also start cold), runs of a role with a `become_secret` "
     "(the password stays on Ansible's own become path; with the warm worker it reaches the run over "
     "the 0600 socket instead of a pipe, then the same FIFO) and ad-hoc `raw` (Mitogen needs Python "
-    "on the host). What the warm worker does not remove: per run, ansible-runner's set-up, Ansible "
-    "parsing the inventory and the playbook and loading its plugins (kept per run on purpose: a "
-    "changed inventory, playbook or ansible.cfg is read again), and Mitogen starting one Python per "
-    "host, which is the first task's time; on this 2-core machine with the hosts on it, that and the"
-    " tasks themselves are what stands between the default and 0.4x."
+    "on the host). Since 2026-12-07 the warm worker also keeps Mitogen's multiplexers, so the "
+    "Python Mitogen starts on each host serves the next run (`carrier.ansible.zygote`, "
+    "docs/configuration.md): one run at a time (a run beside another starts its own, the row "
+    "*beside a run*, which is also what the first run after the warm worker starts pays), and a "
+    "cancelled or timed-out run stops them; test_warm_worker checks the reuse, the run beside and "
+    "the cancel. What is left per run: ansible-runner's set-up, Ansible parsing the inventory and "
+    "the playbook and loading its plugins (kept per run on purpose: a changed inventory, playbook "
+    "or ansible.cfg is read again), and the tasks themselves."
 )
 #: Carrier's rows: the strategy by the playbook's catalog ``strategy:``, the worker
 #: (``ansible.worker``) set on the engine for the run.
@@ -104,6 +107,9 @@ CARRIER_ROWS = {"Carrier, linear": ("linear", DEFAULT_WORKER),
 CARRIER_DEFAULT = next(row for row, choice in CARRIER_ROWS.items()
                        if choice == (DEFAULT_STRATEGY, DEFAULT_WORKER))
 PING = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n"
+#: A run that holds the warm worker's shared interpreters while the measured one runs beside it.
+HOLD = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.command: sleep 15\n"
+BESIDE = "Carrier, mitogen, warm worker, beside a run"
 
 
 def _inventory(box: Sandbox, root: Path) -> Path:
@@ -157,6 +163,24 @@ def _carrier(manager: Manager, play: str = "five", engine: PlaybookEngine | None
     return took
 
 
+def _beside(manager: Manager, play: str, engine: PlaybookEngine) -> float:
+    """A warm run while another holds the shared interpreters: it starts its own (the cost the
+    first run after the warm worker starts, or any run beside another, pays)."""
+    engine.worker = "warm"
+    hold = manager.run_playbook("hold", owner="bench", door="cli")
+    deadline = time.monotonic() + 60
+    while not any(e.type == "runner.started" for e in manager.output(hold.id, 0, 100)[0]):  # forked
+        if time.monotonic() > deadline:
+            raise RuntimeError("the holding run did not start")
+        time.sleep(0.02)
+    took = _carrier(manager, play, engine, "warm")
+    if manager.get(hold.id).finished_at is not None:
+        raise RuntimeError("the holding run ended before the measured one")
+    if manager.wait(hold.id, 120).status != "succeeded":
+        raise RuntimeError("the holding run failed")
+    return took
+
+
 def main() -> str:
     root = Path(tempfile.mkdtemp(prefix="carrier-bench-pb-", dir="/var/tmp"))
     root.chmod(0o755)
@@ -173,6 +197,8 @@ def main() -> str:
         (playbooks / f"{name}_mitogen.yml").write_text(textwrap.dedent(text))
         (playbooks / f"{name}_mitogen.meta.yml").write_text("strategy: mitogen\n")
     (playbooks / "ping.yml").write_text(PING)
+    (playbooks / "hold.yml").write_text(HOLD)
+    (playbooks / "hold.meta.yml").write_text("strategy: mitogen\n")
     control: SshControl | None = None
     try:
         box.up()
@@ -197,7 +223,8 @@ def main() -> str:
                                                                              e, play=p) for n in TUNED},
                          **{row: lambda p=play, c=choice: _carrier(manager, f"{p}_{c[0]}", playbook_engine,
                                                                    c[1])
-                            for row, choice in CARRIER_ROWS.items()}}
+                            for row, choice in CARRIER_ROWS.items()},
+                         BESIDE: lambda p=play: _beside(manager, f"{p}_mitogen", playbook_engine)}
                 for run in range(RUNS + 1):
                     for side, call in sides.items():
                         took = call()
@@ -253,7 +280,7 @@ def main() -> str:
             for play in PLAYS}
     one_each = all(n == 1 for n in logins.values()) and all(started_by_us.get(h) == 1 for h in HOSTS)
     rows = []
-    for side in ("defaults", *(f"bare {n}" for n in TUNED), *CARRIER_ROWS):
+    for side in ("defaults", *(f"bare {n}" for n in TUNED), *CARRIER_ROWS, BESIDE):
         cells = []
         for play in PLAYS:
             values = times[(play, side)]
