@@ -434,8 +434,8 @@ class _SharedInterpreters:
 
     One run at a time uses them (the *lane*): Mitogen serves the calls into one interpreter in
     order, so two runs sharing it would wait on each other's tasks. A run that starts while the
-    lane is taken gets multiplexers of its own, as every run did before. A lane run that ends by a
-    signal (cancelled, timed out) may have left a task running in those interpreters; they are
+    lane is taken gets multiplexers of its own, as every run did before. A lane run that was
+    cancelled, timed out or broke (a signal, or ``LEFT_TASKS``) may have left a task running there; they are
     stopped then, and so when a multiplexer dies, and the next run starts new ones. Connections
     are keyed by Mitogen on everything ssh and become are given (host, user, port, key, ssh
     options, become user), so a changed inventory connects anew."""
@@ -476,19 +476,7 @@ class _SharedInterpreters:
         return True
 
     def for_child(self, keep_out: tuple[socket.socket, ...]) -> bool:
-        """Before forking a run: whether it takes the lane (then the lane is its, by ``taken``).
-        The run before may have written its result and not yet exited: a moment's grace."""
-        for _ in range(10):
-            if self.lane is None:
-                break
-            with contextlib.suppress(ChildProcessError):
-                done, status = os.waitpid(self.lane, os.WNOHANG)
-                if not done:
-                    time.sleep(0.005)
-                    continue
-                self.ended(self.lane, status)
-                continue
-            self.lane = None
+        """Before forking a run: whether it takes the lane (then the lane is its, by ``taken``)."""
         return self.lane is None and self.start(keep_out)
 
     def taken(self, pid: int) -> None:
@@ -667,6 +655,11 @@ class Zygote:
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps({"error": f"refused: {exc}"}).encode() + b"\n")
             return
+        for _ in range(10):  # the lane's run may have written its result and not yet exited
+            self._reap()
+            if self.interpreters.lane is None:
+                break
+            time.sleep(0.005)
         lane = self.interpreters.for_child((listener, conn))
         sys.stdout.flush()
         sys.stderr.flush()
